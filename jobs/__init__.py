@@ -1,0 +1,1 @@
+"""vaepipe jobs: the click CLI and the training/generation/evaluation entry points."""

@@ -1,0 +1,264 @@
+"""The ``vaepipe`` command line: each command parses its flags and calls one library function.
+
+Library errors (:class:`VaePipeError`) become one-line messages and exit status 1; set
+``VAEPIPE_DEBUG=1`` to see full tracebacks instead.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from typing import Any, Callable
+
+import click
+
+from vae_model.errors import VaePipeError
+from vae_model.storage import parse_storage_options
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn library and storage errors into a one-line ``Error: ...`` and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if os.environ.get("VAEPIPE_DEBUG"):
+            return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except VaePipeError as exc:
+            raise click.ClickException(_one_line(exc)) from None
+        except (OSError, ValueError) as exc:
+            raise click.ClickException(f"{type(exc).__name__}: {_one_line(exc)}") from None
+        except KeyboardInterrupt:
+            raise click.Abort() from None
+        except Exception as exc:  # a bug: still one line, with a way to get the trace
+            raise click.ClickException(f"internal error {type(exc).__name__}: {_one_line(exc)} "
+                                       "(rerun with VAEPIPE_DEBUG=1 for the traceback)") from None
+
+    return wrapper
+
+
+def storage_option(fn: Callable) -> Callable:
+    return click.option("--storage-options", "storage_options", default=None, metavar="JSON",
+                        help="fsspec storage options as a JSON object, e.g. "
+                             "'{\"client_kwargs\": {\"endpoint_url\": \"http://127.0.0.1:8333\"}}'. "
+                             "Credentials and endpoints are also read from the usual env vars "
+                             "(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).")(fn)
+
+
+def _so(text: str | None) -> dict | None:
+    return parse_storage_options(text) or None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="vaepipe", message="vaepipe %(version)s")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """vaepipe: train a convolutional VAE on image shards, embed and anomaly-score images with
+    Apache Beam, and generate images.
+
+    \b
+    Example:
+      vaepipe shards data/train-images-idx3-ubyte.gz shards/ --shard-size 5000
+      vaepipe train shards/ --out runs/fmnist/model.safetensors --epochs 5
+      vaepipe evaluate shards/ --checkpoint runs/fmnist/model.safetensors
+    """
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.command()
+@click.argument("source")
+@click.argument("out_url")
+@click.option("--format", "fmt", type=click.Choice(["tar", "parquet"]), default="tar", show_default=True,
+              help="Shard format: WebDataset-style tar or Parquet (key, image bytes, label).")
+@click.option("--shard-size", default=1000, show_default=True, help="Images per shard.")
+@click.option("--limit", type=int, default=None, help="Convert at most this many images.")
+@storage_option
+@handle_errors
+def shards(source: str, out_url: str, fmt: str, shard_size: int, limit: int | None,
+           storage_options: str | None) -> None:
+    """Convert images into shards at OUT_URL.
+
+    SOURCE is an IDX images file (*-idx3-ubyte, optionally .gz; the labels file beside it is
+    stored as labels) or a folder/prefix/glob of image files (copied byte for byte).
+
+    \b
+    Example:
+      vaepipe shards /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz \\
+          s3://bucket/fmnist/train/ --format tar --shard-size 5000
+    """
+    from pipeline.shards import write_shards
+    from tqdm.auto import tqdm
+
+    if shard_size < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--shard-size")
+    with tqdm(unit="img", desc="shards", file=sys.stderr) as bar:
+        last = [0]
+
+        def progress(done: int) -> None:
+            bar.update(done - last[0])
+            last[0] = done
+
+        urls = write_shards(source, out_url, fmt=fmt, shard_size=shard_size, limit=limit,
+                            storage_options=_so(storage_options), progress=progress)
+    click.echo(json.dumps({"shards": len(urls), "images": last[0], "out": out_url}))
+
+
+@cli.command()
+@click.argument("data_url")
+@click.option("--out", "out", required=True, help="Checkpoint URL to write (e.g. runs/x/model.safetensors).")
+@click.option("--val", "val_url", default=None, help="Validation data URL (default: a hash split of DATA_URL).")
+@click.option("--val-fraction", default=0.05, show_default=True, help="Fraction of DATA_URL held out when --val is not given.")
+@click.option("--epochs", default=10, show_default=True)
+@click.option("--time-limit", type=float, default=None, help="Stop after this many seconds (resumable).")
+@click.option("--image-size", default=28, show_default=True, help="Images are resized/cropped to this square size.")
+@click.option("--channels", type=click.IntRange(1, 3), default=1, show_default=True, help="1 (grayscale) or 3 (RGB).")
+@click.option("--latent-dim", default=32, show_default=True)
+@click.option("--widths", default=None, help="Conv channels per level, comma separated (default by image size).")
+@click.option("--hidden-dim", default=256, show_default=True)
+@click.option("--likelihood", type=click.Choice(["discretized_logistic", "bernoulli"]), default="discretized_logistic",
+              show_default=True, help="Pixel model: 8-bit discretized logistic, or Bernoulli (dynamic binarisation).")
+@click.option("--beta", default=1.0, show_default=True, help="KL weight (1.0 = true ELBO).")
+@click.option("--kl-warmup-steps", default=1000, show_default=True)
+@click.option("--batch-size", default=128, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--patience", default=5, show_default=True, help="Early stopping: epochs without validation improvement.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--num-workers", default=1, show_default=True, help="DataLoader processes streaming shards.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from OUT.resume.pt exactly where it stopped.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@storage_option
+@handle_errors
+def train(data_url: str, out: str, val_url: str | None, val_fraction: float, epochs: int, time_limit: float | None,
+          image_size: int, channels: int, latent_dim: int, widths: str | None, hidden_dim: int, likelihood: str,
+          beta: float, kl_warmup_steps: int, batch_size: int, lr: float, patience: int, seed: int,
+          num_workers: int, precision: str, resume: bool, quiet: bool, storage_options: str | None) -> None:
+    """Train a VAE on the shards at DATA_URL; write the best checkpoint to --out.
+
+    Beside the checkpoint: OUT.metrics.jsonl, OUT.epochNNN.png (samples and reconstructions)
+    and OUT.resume.pt. Prints a JSON summary.
+
+    \b
+    Example:
+      vaepipe train s3://bucket/fmnist/train/ --out s3://bucket/models/fmnist.safetensors \\
+          --epochs 20 --latent-dim 32 --likelihood discretized_logistic
+    """
+    from jobs.train import TrainConfig
+    from jobs.train import train as run_train
+
+    if channels == 2:
+        raise click.BadParameter("use 1 (grayscale) or 3 (RGB)", param_hint="--channels")
+    model: dict[str, Any] = dict(image_size=image_size, channels=channels, latent_dim=latent_dim,
+                                 hidden_dim=hidden_dim, likelihood=likelihood, beta=beta)
+    if widths:
+        try:
+            model["widths"] = tuple(int(w) for w in widths.split(","))
+        except ValueError:
+            raise click.BadParameter("comma-separated integers, e.g. 32,64", param_hint="--widths") from None
+    cfg = TrainConfig(data_url=data_url, out=out, val_url=val_url, val_fraction=val_fraction, epochs=epochs,
+                      time_limit=time_limit, batch_size=batch_size, lr=lr, kl_warmup_steps=kl_warmup_steps,
+                      patience=patience, seed=seed, num_workers=num_workers, precision=precision, resume=resume,
+                      model=model, storage_options=_so(storage_options))
+    result = run_train(cfg, progress=not quiet)
+    click.echo(json.dumps(result.__dict__))
+
+
+@cli.command()
+@click.argument("checkpoint_url")
+@click.option("--out", "out", required=True, help="PNG grid URL to write.")
+@click.option("--n", default=64, show_default=True, help="Images (samples, reconstructions, or interpolation rows).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--temperature", default=1.0, show_default=True, help="Prior scale: <1 gives cleaner, less varied samples.")
+@click.option("--reconstruct", "reconstruct_url", default=None, metavar="DATA_URL",
+              help="Instead of sampling: images from DATA_URL above their reconstructions.")
+@click.option("--interpolate", is_flag=True, help="Instead of sampling: rows of latent interpolations.")
+@click.option("--data", "data_url", default=None, help="With --interpolate: interpolate between pairs of these images.")
+@click.option("--steps", default=10, show_default=True, help="With --interpolate: images per row.")
+@storage_option
+@handle_errors
+def generate(checkpoint_url: str, out: str, n: int, seed: int, temperature: float, reconstruct_url: str | None,
+             interpolate: bool, data_url: str | None, steps: int, storage_options: str | None) -> None:
+    """Generate images from a checkpoint into a PNG grid.
+
+    \b
+    Examples:
+      vaepipe generate runs/m.safetensors --out samples.png --n 64 --temperature 0.8
+      vaepipe generate runs/m.safetensors --out recon.png --reconstruct shards/ --n 32
+      vaepipe generate runs/m.safetensors --out interp.png --interpolate --data shards/ --n 8
+    """
+    from jobs import generate as gen
+
+    so = _so(storage_options)
+    if reconstruct_url and interpolate:
+        raise click.UsageError("choose one of --reconstruct and --interpolate")
+    if reconstruct_url:
+        count = gen.generate_reconstructions(checkpoint_url, reconstruct_url, out, n=n, storage_options=so)
+    elif interpolate:
+        count = gen.generate_interpolations(checkpoint_url, out, n=n, steps=steps, seed=seed, data_url=data_url,
+                                            storage_options=so)
+    else:
+        count = gen.generate_samples(checkpoint_url, out, n=n, seed=seed, temperature=temperature,
+                                     storage_options=so)
+    click.echo(json.dumps({"out": out, "images": count}))
+
+
+@cli.command()
+@click.argument("data_url")
+@click.option("--checkpoint", "checkpoint_url", required=True, help="Checkpoint URL.")
+@click.option("--iwae-k", default=100, show_default=True, help="Importance samples for the IWAE bound.")
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--limit", type=int, default=None, help="Evaluate at most this many images.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--progress", is_flag=True, help="Show a progress bar on stderr.")
+@storage_option
+@handle_errors
+def evaluate(data_url: str, checkpoint_url: str, iwae_k: int, batch_size: int, limit: int | None, seed: int,
+             progress: bool, storage_options: str | None) -> None:
+    """Print one JSON object: images, mean ELBO, IWAE-k NLL (nats) and bits/dim.
+
+    \b
+    Example:
+      vaepipe evaluate shards/test/ --checkpoint runs/m.safetensors --iwae-k 1000
+    """
+    from jobs.evaluate import EvalOptions
+    from jobs.evaluate import evaluate as run_eval
+
+    res = run_eval(data_url, checkpoint_url, EvalOptions(iwae_k=iwae_k, batch_size=batch_size, limit=limit, seed=seed),
+                   storage_options=_so(storage_options), progress=progress)
+    click.echo(json.dumps(res))
+
+
+@cli.command()
+@click.argument("checkpoint_url")
+@storage_option
+@handle_errors
+def info(checkpoint_url: str, storage_options: str | None) -> None:
+    """Verify a checkpoint and print its model_id, config and metadata as JSON.
+
+    \b
+    Example:
+      vaepipe info runs/m.safetensors
+    """
+    from vae_model.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint_url, _so(storage_options))
+    click.echo(json.dumps({"model_id": ckpt.model_id, "config": ckpt.config.to_dict(), "meta": ckpt.meta}, indent=2))
+
+
+def main() -> None:
+    cli(prog_name="vaepipe")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Generation: prior samples, reconstructions and latent interpolations as PNG grids."""
+from __future__ import annotations
+
+import torch
+
+from jobs.data import ShardImageDataset, list_specs, load_tensor
+from jobs.grid import save_grid
+from vae_model.checkpoint import load_checkpoint
+from vae_model.errors import ConfigError
+from vae_model.storage import StorageOptions
+
+
+def _model(url: str, so: StorageOptions):
+    return load_checkpoint(url, so).model
+
+
+def generate_samples(checkpoint_url: str, out_url: str, n: int = 64, seed: int = 0, temperature: float = 1.0,
+                     storage_options: StorageOptions = None) -> int:
+    """n images from the prior (pixel means), tiled into one PNG. Returns images written."""
+    if n < 1 or temperature <= 0:
+        raise ConfigError("--n must be >= 1 and --temperature > 0")
+    model = _model(checkpoint_url, storage_options)
+    imgs = model.sample(n, generator=torch.Generator().manual_seed(seed), temperature=temperature)
+    save_grid(imgs, out_url, storage_options=storage_options)
+    return n
+
+
+def generate_reconstructions(checkpoint_url: str, data_url: str, out_url: str, n: int = 32,
+                             storage_options: StorageOptions = None) -> int:
+    """The first n images of ``data_url`` (odd rows) above their reconstructions (even rows)."""
+    model = _model(checkpoint_url, storage_options)
+    cfg = model.cfg
+    x = load_tensor(ShardImageDataset(list_specs(data_url, storage_options), cfg.channels, cfg.image_size,
+                                      storage_options=storage_options), n)
+    if len(x) == 0:
+        raise ConfigError(f"no decodable images in {data_url}")
+    recon = model.reconstruct(x)
+    per_row = 8
+    rows = []
+    for i in range(0, len(x), per_row):
+        rows += [x[i:i + per_row], recon[i:i + per_row]]
+    save_grid(torch.cat(rows), out_url, nrow=per_row, storage_options=storage_options)
+    return len(x)
+
+
+def generate_interpolations(checkpoint_url: str, out_url: str, n: int = 8, steps: int = 10, seed: int = 0,
+                            data_url: str | None = None, storage_options: StorageOptions = None) -> int:
+    """n rows of ``steps`` images each: interpolations between pairs of real images (posterior
+    means, when ``data_url`` is given) or of random prior latents."""
+    if steps < 2 or n < 1:
+        raise ConfigError("--steps must be >= 2 and --n >= 1")
+    model = _model(checkpoint_url, storage_options)
+    cfg = model.cfg
+    rows = []
+    if data_url:
+        x = load_tensor(ShardImageDataset(list_specs(data_url, storage_options), cfg.channels, cfg.image_size,
+                                          storage_options=storage_options), 2 * n)
+        if len(x) < 2:
+            raise ConfigError(f"--interpolate needs at least 2 decodable images in {data_url}")
+        for i in range(0, len(x) - 1, 2):
+            rows.append(model.interpolate(x[i], x[i + 1], steps))
+    else:
+        g = torch.Generator().manual_seed(seed)
+        t = torch.linspace(0, 1, steps).unsqueeze(1)
+        with torch.no_grad():
+            for _ in range(n):
+                a, b = torch.randn((2, cfg.latent_dim), generator=g)
+                z = (1 - t) * a + t * b
+                rows.append(model.decode(z).mean_image().round().clamp(0, 255).to(torch.uint8))
+    save_grid(torch.cat(rows), out_url, nrow=steps, storage_options=storage_options)
+    return sum(len(r) for r in rows)

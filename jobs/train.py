@@ -1,0 +1,309 @@
+"""The training job: shards -> VAE checkpoint, as one linear story.
+
+Artifacts beside the checkpoint ``<out>`` (any fsspec URL):
+  ``<out>``                the best model by validation ELBO (safetensors, self-describing)
+  ``<out>.resume.pt``      latest weights + optimiser + RNG + data position, for ``--resume``
+  ``<out>.metrics.jsonl``  one JSON object per log interval and per epoch
+  ``<out>.epochNNN.png``   prior samples (top) and validation reconstructions (bottom)
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from jobs.data import ShardImageDataset, fingerprint, list_specs, load_tensor
+from jobs.grid import save_grid
+from vae_model import losses
+from vae_model.checkpoint import load_checkpoint, save_checkpoint, update_meta
+from vae_model.config import VAEConfig
+from vae_model.errors import ConfigError, StorageError, VaePipeError
+from vae_model.model import VAE
+from vae_model.scoring import SCORES, ScoreOptions, quantile_table, score_batch
+from vae_model.storage import StorageOptions, atomic_write_bytes, exists, get_fs, read_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    data_url: str
+    out: str  # checkpoint URL
+    val_url: str | None = None  # separate validation data; else a hash split of data_url
+    val_fraction: float = 0.05
+    val_limit: int = 5000  # validation images held in memory
+    epochs: int = 10
+    time_limit: float | None = None  # seconds; stops cleanly (resumable) when reached
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    kl_warmup_steps: int = 1000
+    grad_clip: float = 200.0
+    patience: int = 5  # epochs without validation improvement before stopping
+    seed: int = 0
+    num_workers: int = 1  # DataLoader worker processes streaming shards
+    shuffle_buffer: int = 4096
+    precision: str = "auto"  # auto | fp32 | bf16
+    resume: bool = False
+    quantile_images: int = 2000  # validation images used for the stored score quantiles
+    quantile_iwae_k: int = 16
+    log_every: int = 50  # steps between metrics lines
+    model: dict[str, Any] = field(default_factory=dict)  # VAEConfig fields
+    storage_options: dict[str, Any] | None = None
+
+
+@dataclass
+class TrainResult:
+    checkpoint: str
+    model_id: str
+    epochs: int
+    steps: int
+    best_val_neg_elbo: float
+    best_val_bits_per_dim: float
+    stopped: str  # "epochs" | "early_stopping" | "time_limit"
+    seconds: float
+
+
+def pick_precision(requested: str, device: torch.device) -> str:
+    """bf16 autocast where the hardware has fast bf16 (CUDA, or CPUs with AMX/AVX512-BF16)."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        cap = torch.backends.cpu.get_cpu_capability()
+    except AttributeError:
+        cap = ""
+    return "bf16" if "AMX" in cap.upper() or "AVX512" in cap.upper() else "fp32"
+
+
+def _sidecar(out: str, suffix: str) -> str:
+    return out + suffix
+
+
+def _write_jsonl(url: str, lines: list[dict], storage_options: StorageOptions) -> None:
+    atomic_write_bytes(url, ("".join(json.dumps(l) + "\n" for l in lines)).encode(), storage_options)
+
+
+def _save_resume(url: str, state: dict, storage_options: StorageOptions) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(url, buf.getvalue(), storage_options)
+
+
+def _load_resume(url: str, storage_options: StorageOptions) -> dict:
+    try:
+        # weights_only: tensors, numbers, strings and containers only; nothing is unpickled.
+        return torch.load(io.BytesIO(read_bytes(url, storage_options)), weights_only=True)
+    except StorageError:
+        raise
+    except Exception as exc:
+        raise VaePipeError(f"{url}: unreadable resume state ({type(exc).__name__}); delete it to start afresh") from None
+
+
+@torch.no_grad()
+def evaluate_tensor(model: VAE, x: torch.Tensor, batch_size: int, seed: int, precision: str = "fp32",
+                    device: torch.device = torch.device("cpu")) -> dict[str, float]:
+    """Mean -ELBO (nats), bits/dim, recon and KL over a uint8 tensor; deterministic given seed."""
+    model.eval()
+    g = torch.Generator(device=device).manual_seed(seed)
+    sums = {"neg_elbo": 0.0, "recon_nll": 0.0, "kl": 0.0}
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size].to(device)
+        eps = torch.randn((len(xb), model.cfg.latent_dim), generator=g, device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            t = model.elbo(xb, eps=eps)
+        sums["neg_elbo"] += t.neg_elbo.sum().item()
+        sums["recon_nll"] += t.recon_nll.sum().item()
+        sums["kl"] += t.kl.sum().item()
+    n = max(len(x), 1)
+    out = {k: v / n for k, v in sums.items()}
+    out["bits_per_dim"] = out["neg_elbo"] / (model.cfg.num_dims * math.log(2))
+    return out
+
+
+def _rng_state(gen: torch.Generator) -> dict:
+    return {"gen": gen.get_state(), "torch": torch.get_rng_state()}
+
+
+def train(cfg: TrainConfig, progress: bool = True,
+          on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train a VAE on ``cfg.data_url`` and write the best checkpoint to ``cfg.out``."""
+    t_start = time.monotonic()
+    so = cfg.storage_options
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = pick_precision(cfg.precision, device)
+    if cfg.batch_size < 1 or cfg.epochs < 1:
+        raise ConfigError("--batch-size and --epochs must be >= 1")
+    if not 0 <= cfg.val_fraction < 1:
+        raise ConfigError("--val-fraction must be in [0, 1)")
+    if cfg.val_url is None and cfg.val_fraction == 0:
+        raise ConfigError("validation data is needed for best-checkpoint selection: give --val URL or --val-fraction > 0")
+    get_fs(cfg.out, so)  # fail early on an unusable output URL
+
+    model_cfg = VAEConfig.default_for(cfg.model.get("image_size", 28), cfg.model.get("channels", 1),
+                                      **{k: v for k, v in cfg.model.items() if k not in ("image_size", "channels")})
+    specs = list_specs(cfg.data_url, so)
+    val_specs = list_specs(cfg.val_url, so) if cfg.val_url else specs
+    data_fp = fingerprint(specs, so)
+
+    torch.manual_seed(cfg.seed)
+    model = VAE(model_cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    common = dict(channels=model_cfg.channels, size=model_cfg.image_size, seed=cfg.seed, storage_options=so)
+    if cfg.val_url:
+        train_ds = ShardImageDataset(specs, split="all", shuffle_buffer=cfg.shuffle_buffer, **common)
+        val_ds = ShardImageDataset(val_specs, split="all", **common)
+    else:
+        train_ds = ShardImageDataset(specs, split="train", val_fraction=cfg.val_fraction,
+                                     shuffle_buffer=cfg.shuffle_buffer, **common)
+        val_ds = ShardImageDataset(specs, split="val", val_fraction=cfg.val_fraction, **common)
+    x_val = load_tensor(val_ds, cfg.val_limit)
+    if len(x_val) == 0:
+        raise ConfigError(f"no validation images: {cfg.val_url or cfg.data_url} yielded none for validation; "
+                          "raise --val-fraction or pass --val")
+
+    state = {"epoch": 0, "step": 0, "step_in_epoch": 0, "best": math.inf, "best_bpd": math.inf,
+             "bad_epochs": 0, "history": []}
+    resume_url = _sidecar(cfg.out, ".resume.pt")
+    if cfg.resume and exists(resume_url, so):
+        saved = _load_resume(resume_url, so)
+        if saved["model_config"] != model_cfg.to_dict():
+            raise ConfigError(f"{resume_url} was written for a different model config; drop --resume or match flags")
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        gen.set_state(saved["rng"]["gen"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        state.update(json.loads(saved["state"]))
+        log.info("resumed from %s at epoch %d step %d", resume_url, state["epoch"], state["step"])
+    metrics: list[dict] = state.pop("history")
+
+    loader_kw = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, drop_last=False,
+                     persistent_workers=False, pin_memory=device.type == "cuda")
+    stopped = "epochs"
+    from tqdm.auto import tqdm
+
+    while state["epoch"] < cfg.epochs:
+        epoch = state["epoch"]
+        train_ds.set_epoch(epoch)
+        model.train()
+        skip = state["step_in_epoch"]
+        seen, t0, sum_loss, n_loss = 0, time.monotonic(), 0.0, 0
+        bar = tqdm(desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img", disable=not progress, leave=False)
+        for i, x in enumerate(DataLoader(train_ds, **loader_kw)):
+            if i < skip:  # exact resume: replay the data order, skip what was already trained on
+                continue
+            x = x.to(device, non_blocking=True)
+            beta = losses.kl_warmup_weight(state["step"], cfg.kl_warmup_steps, model_cfg.beta)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                terms = model(x, generator=gen)
+            loss = losses.negative_elbo(terms.recon_nll, terms.kl, beta).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            state["step"] += 1
+            state["step_in_epoch"] = i + 1
+            seen += len(x)
+            sum_loss += terms.neg_elbo.sum().item()
+            n_loss += len(x)
+            rate = seen / max(time.monotonic() - t0, 1e-9)
+            bar.update(len(x))
+            bar.set_postfix(loss=f"{loss.item():.1f}", elbo=f"{-terms.neg_elbo.mean().item():.1f}",
+                            img_s=f"{rate:.0f}")
+            if state["step"] % cfg.log_every == 0:
+                metrics.append({"event": "step", "epoch": epoch, "step": state["step"], "loss": loss.item(),
+                                "neg_elbo": terms.neg_elbo.mean().item(), "kl": terms.kl.mean().item(),
+                                "beta": beta, "img_per_s": rate})
+            if cfg.time_limit is not None and time.monotonic() - t_start > cfg.time_limit:
+                stopped = "time_limit"
+                break
+        bar.close()
+        if stopped == "time_limit":
+            _save_resume(resume_url, _resume_payload(model, opt, gen, model_cfg, state, metrics), so)
+            break
+        val = evaluate_tensor(model, x_val, 512, cfg.seed, precision="fp32", device=device)
+        state["epoch"] += 1
+        state["step_in_epoch"] = 0
+        rec = {"event": "epoch", "epoch": state["epoch"], "step": state["step"],
+               "train_neg_elbo": sum_loss / max(n_loss, 1), "val_neg_elbo": val["neg_elbo"],
+               "val_bits_per_dim": val["bits_per_dim"], "val_recon_nll": val["recon_nll"], "val_kl": val["kl"],
+               "img_per_s": seen / max(time.monotonic() - t0, 1e-9), "precision": precision,
+               "elapsed_s": time.monotonic() - t_start}
+        metrics.append(rec)
+        improved = val["neg_elbo"] < state["best"]
+        if improved:
+            state["best"], state["best_bpd"], state["bad_epochs"] = val["neg_elbo"], val["bits_per_dim"], 0
+            save_checkpoint(model, cfg.out, _meta(cfg, model_cfg, data_fp, state, val, precision), so)
+        else:
+            state["bad_epochs"] += 1
+        _save_resume(resume_url, _resume_payload(model, opt, gen, model_cfg, state, metrics), so)
+        _write_jsonl(_sidecar(cfg.out, ".metrics.jsonl"), metrics, so)
+        _epoch_grid(model, x_val, cfg, state["epoch"], device)
+        if progress:
+            from tqdm.auto import tqdm as _t
+            _t.write(f"epoch {state['epoch']}: val -ELBO {val['neg_elbo']:.2f} nats "
+                     f"({val['bits_per_dim']:.4f} bits/dim){' *' if improved else ''}")
+        if on_epoch:
+            on_epoch(rec)
+        if state["bad_epochs"] >= cfg.patience:
+            stopped = "early_stopping"
+            break
+    _write_jsonl(_sidecar(cfg.out, ".metrics.jsonl"), metrics, so)
+    if not math.isfinite(state["best"]):
+        raise VaePipeError("training stopped before the first epoch finished (time limit?): no checkpoint written; "
+                           "rerun with --resume to continue")
+    model_id = store_score_quantiles(cfg, x_val, device)
+    return TrainResult(cfg.out, model_id, state["epoch"], state["step"], state["best"], state["best_bpd"],
+                       stopped, time.monotonic() - t_start)
+
+
+def _resume_payload(model, opt, gen, model_cfg: VAEConfig, state: dict, metrics: list[dict]) -> dict:
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": _rng_state(gen),
+            "model_config": model_cfg.to_dict(), "state": json.dumps({**state, "history": metrics})}
+
+
+def _meta(cfg: TrainConfig, model_cfg: VAEConfig, data_fp: str, state: dict, val: dict, precision: str) -> dict:
+    return {"data_url": cfg.data_url, "data_fingerprint": data_fp, "val_url": cfg.val_url,
+            "val_fraction": None if cfg.val_url else cfg.val_fraction, "epochs": state["epoch"],
+            "steps": state["step"], "val_neg_elbo": val["neg_elbo"], "val_bits_per_dim": val["bits_per_dim"],
+            "val_recon_nll": val["recon_nll"], "val_kl": val["kl"], "seed": cfg.seed, "precision": precision,
+            "train_config": {k: v for k, v in asdict(cfg).items() if k not in ("storage_options", "model")}}
+
+
+def _epoch_grid(model: VAE, x_val: torch.Tensor, cfg: TrainConfig, epoch: int, device: torch.device) -> None:
+    model.eval()
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    n = 8
+    samples = model.sample(2 * n, generator=g)
+    real = x_val[:n].to(device)
+    recon = model.reconstruct(real)
+    save_grid(torch.cat([samples, real, recon]).cpu(), _sidecar(cfg.out, f".epoch{epoch:03d}.png"), nrow=n,
+              storage_options=cfg.storage_options)
+
+
+def store_score_quantiles(cfg: TrainConfig, x_val: torch.Tensor, device: torch.device) -> str:
+    """Score validation images with the best model and store each score's quantiles in it."""
+    ckpt = load_checkpoint(cfg.out, cfg.storage_options, map_location=device)
+    x = x_val[:cfg.quantile_images]
+    keys = [f"val-{i}" for i in range(len(x))]
+    tables, extra = {}, {}
+    for score in SCORES:
+        opts = ScoreOptions(score=score, iwae_k=cfg.quantile_iwae_k, seed=cfg.seed)
+        vals = np.concatenate([score_batch(ckpt.model, x[i:i + 256], keys[i:i + 256], opts, device)["anomaly_score"]
+                               for i in range(0, len(x), 256)])
+        tables[score] = quantile_table(vals)
+    extra["score_quantiles"] = tables
+    extra["score_quantiles_iwae_k"] = cfg.quantile_iwae_k
+    return update_meta(cfg.out, extra, cfg.storage_options)

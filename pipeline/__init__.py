@@ -1,0 +1,1 @@
+"""pipeline: shard reading/decoding and the Apache Beam embedding + anomaly-scoring pipeline."""

@@ -1,0 +1,605 @@
+"""Image shards: the one reader shared by training and the Beam pipeline, and the writer.
+
+Three shard formats are read, from any fsspec URL (local, ``file://``, ``memory://``, ``s3://``):
+
+* ``tar`` (``.tar``, ``.tar.gz``, ``.tgz``) in the WebDataset convention: files are grouped by
+  *key*, the member path up to the first dot of its file name (``sub/abc.png``, ``sub/abc.cls``
+  and ``sub/abc.json`` form member ``sub/abc``). The image is the file with a
+  :data:`~pipeline.decode.SUPPORTED_EXTS` extension; ``.cls`` holds an integer label and
+  ``.json`` a metadata object; other files (captions, ...) beside an image are ignored.
+  Tars are read as a stream (``r|*``), one member at a time.
+* ``parquet``: one row per image, read in batches of 256 rows. Columns, first match wins:
+  image ``image|img|png|jpg|bytes|data`` (binary, or a struct with a ``bytes`` field as written
+  by Hugging Face ``datasets``), key ``key|__key__|id``, label ``label|cls|class``,
+  metadata ``json|meta`` (a JSON string or a struct).
+* ``images``: plain image files under a folder, grouped ``images_per_group`` at a time.
+
+Files and folders whose names start with ``.`` are ignored everywhere (temporary files,
+macOS ``._*`` resource forks).
+
+Problems confined to one member (no image, a bad label, a missing file) and to a whole shard
+(truncated or unreadable) never raise: they come back as a :class:`Member` with ``error`` set,
+so the caller can write a dead-letter row and carry on.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import lzma
+import re
+import tarfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from vae_model.errors import NoShardsError, ShardError, StorageError
+from vae_model.storage import (StorageOptions, atomic_write_bytes, describe_storage_error, get_fs, join,
+                               unstrip)
+
+from .decode import SUPPORTED_EXTS
+from .idx import is_idx_url, labels_url_for, read_idx
+
+log = logging.getLogger(__name__)
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+PARQUET_BATCH_ROWS = 256
+IMAGE_COLUMNS = ("image", "img", "png", "jpg", "bytes", "data")
+KEY_COLUMNS = ("key", "__key__", "id")
+LABEL_COLUMNS = ("label", "cls", "class")
+META_COLUMNS = ("json", "meta")
+# Tar sidecars without an image are reported as NoImageMember; any other suffix as NotAnImage.
+_TEXT_SUFFIXES = frozenset({"cls", "json", "txt", "text", "caption", "cap", "md"})
+_TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
+_PARQUET_ERRORS = (pa.ArrowException, OSError, ValueError, EOFError)
+_SHARD_NAME = re.compile(r"shard-\d{6}\.(tar|parquet)$")
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"), (b"BM", "bmp"))
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One unit of work: a tar or Parquet file, or a group of image files."""
+
+    name: str  # stable URL-like id: the file's URL, or f"{folder_url}/images-{i:05d}"
+    format: str  # "tar" | "parquet" | "images"
+    urls: tuple[str, ...]  # (url,) for tar/parquet; the group's sorted image URLs for "images"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One image of a shard, or one problem to report as a dead letter."""
+
+    key: str  # unique within the shard
+    index: int  # 0-based position in the shard, in yield order
+    data: bytes | None  # encoded image bytes; None when error is set
+    ext: str  # lower-case image extension ("png", ...) or ""
+    label: int | None
+    meta: dict | None
+    error: str | None = None
+    error_type: str | None = None
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def _suffix_kind(path: str) -> str | None:
+    low = path.lower()
+    if low.endswith(TAR_SUFFIXES):
+        return "tar"
+    if low.endswith(".parquet"):
+        return "parquet"
+    if "." in low.rsplit("/", 1)[-1] and low.rsplit(".", 1)[-1] in SUPPORTED_EXTS:
+        return "images"
+    return None
+
+
+def _rel(path: str, root: str) -> str:
+    return path[len(root) + 1:] if root and path.startswith(root + "/") else path.rsplit("/", 1)[-1]
+
+
+def _list_files(url: str, storage_options: StorageOptions) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
+    """Files matched by a file URL, a glob or a folder: ``(fs, root folder path, sorted file paths)``."""
+    fs, path = get_fs(url, storage_options)
+    try:
+        magic = re.search(r"[*?\[]", path)
+        if magic:
+            root = path[:magic.start()].rsplit("/", 1)[0]
+            found = fs.glob(path, detail=True)
+        elif fs.isdir(path):
+            root = path.rstrip("/")
+            found = fs.find(root, detail=True)
+        elif fs.isfile(path):
+            root, found = path.rsplit("/", 1)[0] if "/" in path else "", {path: {"type": "file"}}
+        else:
+            root, found = path, {}
+    except StorageError:
+        raise
+    except Exception as exc:  # storage backends raise many types; report one line
+        raise StorageError(describe_storage_error(url, exc)) from None
+    files = sorted(p for p, info in found.items()
+                   if info.get("type") == "file" and not any(part.startswith(".") for part in _rel(p, root).split("/")))
+    return fs, root, files
+
+
+def expand_shards(url: str, storage_options: StorageOptions = None, images_per_group: int = 1000) -> list[ShardSpec]:
+    """List the shards behind a file URL, a glob (``s3://b/x/*.tar``, ``/d/**/*.parquet``) or a folder.
+
+    Folders are searched recursively. Tar and Parquet files come first, sorted by URL; image
+    files follow in sorted groups of ``images_per_group``, named ``{folder}/images-{i:05d}``
+    where ``folder`` is the given folder (for a glob, its fixed leading folder).
+
+    Raises:
+        NoShardsError: Nothing matched.
+        StorageError: The URL cannot be listed (missing bucket, bad credentials, ...).
+    """
+    if images_per_group < 1:
+        raise ShardError(f"images_per_group must be at least 1, got {images_per_group}")
+    fs, root, files = _list_files(url, storage_options)
+    specs: list[ShardSpec] = []
+    images: list[str] = []
+    others: list[str] = []
+    for path in files:
+        kind = _suffix_kind(path)
+        if kind == "images":
+            images.append(path)
+        elif kind is not None:
+            full = unstrip(fs, path)
+            specs.append(ShardSpec(full, kind, (full,)))
+        else:
+            others.append(path)
+    root_url = unstrip(fs, root) if root else root
+    for i, start in enumerate(range(0, len(images), images_per_group)):
+        group = tuple(unstrip(fs, p) for p in images[start:start + images_per_group])
+        specs.append(ShardSpec(f"{root_url}/images-{i:05d}", "images", group))
+    if not specs:
+        hint = f"; ignored {len(others)} other file(s) such as {unstrip(fs, others[0])}" if others else ""
+        raise NoShardsError(f"no shards matched URL: {url} (expected .tar, .parquet or image files){hint}")
+    log.info("%s: %s shard(s)", url, len(specs))
+    return specs
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def iter_members(spec: ShardSpec, storage_options: StorageOptions = None) -> Iterator[Member]:
+    """Stream the members of one shard; never holds more than one member's bytes (one batch for Parquet).
+
+    Shard-level problems yield one final error member instead of raising: key ``__truncated__``
+    (``TruncatedShard``) after the members read before the damage, or key ``__shard__``
+    (``UnreadableShard``, ``NoImageColumn``) when nothing can be read.
+    """
+    if spec.format == "tar":
+        return _iter_tar(spec, storage_options)
+    if spec.format == "parquet":
+        return _iter_parquet(spec, storage_options)
+    if spec.format == "images":
+        return _iter_images(spec, storage_options)
+    raise ShardError(f"unknown shard format {spec.format!r} for {spec.name}: expected tar, parquet or images")
+
+
+def _error(key: str, index: int, error_type: str, message: str, ext: str = "") -> Member:
+    return Member(key=key, index=index, data=None, ext=ext, label=None, meta=None, error=message, error_type=error_type)
+
+
+def _reason(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def _unreadable(spec: ShardSpec, what: str, exc: BaseException) -> Member:
+    log.warning("unreadable shard %s: %s", spec.name, _reason(exc))
+    return _error("__shard__", 0, "UnreadableShard", f"{spec.name}: not a readable {what} ({_reason(exc)})")
+
+
+def _truncated(spec: ShardSpec, kind: str, n: int, reason: str) -> Member:
+    log.warning("shard %s is truncated or corrupt after %s members: %s", spec.name, n, reason)
+    return _error("__truncated__", n, "TruncatedShard", f"truncated or corrupt {kind} after {n} members: {reason}")
+
+
+class _EndTrackingTarInfo(tarfile.TarInfo):
+    """Records why ``tarfile`` stopped reading headers.
+
+    Past the first member, ``tarfile`` treats a missing, partial or garbled header as a normal
+    end of archive; only the all-zero end-of-archive block (``EOFHeaderError``) is a real end.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.HeaderError as exc:
+            tarfile_.vaepipe_end = exc  # type: ignore[attr-defined]
+            raise
+
+
+def _iter_tar(spec: ShardSpec, storage_options: StorageOptions) -> Iterator[Member]:
+    url = spec.urls[0]
+    fs, path = get_fs(url, storage_options)
+    try:
+        f = fs.open(path, "rb")
+    except Exception as exc:  # storage backends raise many types
+        yield _error("__shard__", 0, "UnreadableShard", describe_storage_error(url, exc))
+        return
+    with f:
+        try:
+            tf = tarfile.open(fileobj=f, mode="r|*", tarinfo=_EndTrackingTarInfo)
+        except _TAR_ERRORS as exc:
+            yield _unreadable(spec, "tar archive", exc)
+            return
+        yield from _tar_members(spec, tf)
+
+
+def _tar_members(spec: ShardSpec, tf: tarfile.TarFile) -> Iterator[Member]:
+    builder = _MemberBuilder()
+    key: str | None = None
+    files: dict[str, bytes | None] = {}
+    try:
+        for info in tf:
+            tf.members = []  # stream mode otherwise keeps every TarInfo for the whole shard
+            if not info.isfile():
+                continue
+            name = info.name.lstrip("/")
+            while name.startswith("./"):
+                name = name[2:]
+            folder, _, base = name.rpartition("/")
+            if not base or base.startswith("."):
+                continue
+            stem, _, suffix = base.partition(".")
+            member_key = f"{folder}/{stem}" if folder else stem
+            if member_key != key:
+                if key is not None:
+                    yield builder.tar_member(key, files)
+                key, files = member_key, {}
+            suffix = suffix.lower()
+            wanted = suffix in SUPPORTED_EXTS or suffix in ("cls", "json")
+            extracted = tf.extractfile(info) if wanted else None
+            files[suffix] = extracted.read() if extracted is not None else None
+        end = getattr(tf, "vaepipe_end", None)
+        if end is not None and not isinstance(end, tarfile.EOFHeaderError):
+            raise tarfile.ReadError(f"no end-of-archive marker ({end})")
+    except _TAR_ERRORS as exc:
+        reason = _reason(exc) + (f"; incomplete member {key!r} skipped" if key is not None else "")
+        yield _truncated(spec, "tar", builder.index, reason)
+        return
+    if key is not None:
+        yield builder.tar_member(key, files)
+
+
+class _MemberBuilder:
+    """Numbers members, keeps keys unique and parses labels and metadata for one shard."""
+
+    def __init__(self) -> None:
+        self.index = 0
+        self.seen: set[str] = set()
+
+    def _next(self, key: str) -> tuple[str, int, Member | None]:
+        index = self.index
+        self.index += 1
+        if key in self.seen:
+            return f"{key}#{index}", index, _error(f"{key}#{index}", index, "DuplicateKey",
+                                                    f"duplicate key {key!r} in shard")
+        self.seen.add(key)
+        return key, index, None
+
+    def tar_member(self, key: str, files: dict[str, bytes | None]) -> Member:
+        key, index, dup = self._next(key)
+        if dup is not None:
+            return dup
+        exts = [s for s in files if s in SUPPORTED_EXTS]
+        if not exts:
+            found = ", ".join(f".{s}" if s else "(no extension)" for s in files)
+            if all(s in _TEXT_SUFFIXES for s in files):
+                return _error(key, index, "NoImageMember", f"no image member (found: {found})")
+            return _error(key, index, "NotAnImage",
+                          f"not an image: {key} has {found}; expected one of .{', .'.join(SUPPORTED_EXTS)}")
+        return self._finish(key, index, files[exts[0]], exts[0], files.get("cls"), files.get("json"))
+
+    def row_member(self, key: str, data: Any, ext: str, label: Any, meta: Any) -> Member:
+        key, index, dup = self._next(key)
+        if dup is not None:
+            return dup
+        if data is None:
+            return _error(key, index, "NullImage", "image column is null in this row")
+        return self._finish(key, index, bytes(data), ext or _sniff_ext(data), label, meta)
+
+    def image_member(self, key: str, data: bytes | None, ext: str, error: str | None) -> Member:
+        key, index, dup = self._next(key)
+        if dup is not None:
+            return dup
+        if error is not None:
+            return _error(key, index, "UnreadableFile", error, ext)
+        return Member(key, index, data, ext, None, None)
+
+    @staticmethod
+    def _finish(key: str, index: int, data: bytes | None, ext: str, label: Any, meta: Any) -> Member:
+        try:
+            parsed_label = _parse_label(label)
+        except (ValueError, TypeError, UnicodeDecodeError):
+            return _error(key, index, "BadLabel", f"label {label!r:.40} is not an integer", ext)
+        try:
+            parsed_meta = _parse_meta(meta)
+        except (ValueError, TypeError, UnicodeDecodeError) as exc:
+            return _error(key, index, "BadMeta", f"metadata is not a JSON object ({exc})", ext)
+        return Member(key, index, data, ext, parsed_label, parsed_meta)
+
+
+def _parse_label(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, (bytes, str)):
+        text = value.decode("utf-8") if isinstance(value, bytes) else value
+        return int(text.strip())
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(value)
+    return int(value)
+
+
+def _parse_meta(value: Any) -> dict | None:
+    if value is None:
+        return None
+    if isinstance(value, (bytes, str)):
+        value = json.loads(value)
+    if not isinstance(value, dict):
+        raise ValueError(f"got {type(value).__name__}")
+    return value
+
+
+def _sniff_ext(data: bytes) -> str:
+    head = bytes(data[:12])
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    return next((ext for magic, ext in _MAGIC if head.startswith(magic)), "")
+
+
+@dataclass(frozen=True)
+class _ParquetColumns:
+    image: str | None
+    image_struct: bool
+    key: str | None
+    label: str | None
+    meta: str | None
+
+    @property
+    def names(self) -> list[str]:
+        return [c for c in (self.image, self.key, self.label, self.meta) if c is not None]
+
+
+def _is_binary(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t)
+
+
+def _parquet_columns(schema: pa.Schema) -> _ParquetColumns:
+    image, struct = None, False
+    for name in IMAGE_COLUMNS:
+        if name not in schema.names:
+            continue
+        t = schema.field(name).type
+        if _is_binary(t):
+            image = name
+            break
+        if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0 and _is_binary(t.field("bytes").type):
+            image, struct = name, True
+            break
+
+    def first(names: tuple[str, ...]) -> str | None:
+        return next((n for n in names if n in schema.names), None)
+
+    return _ParquetColumns(image, struct, first(KEY_COLUMNS), first(LABEL_COLUMNS), first(META_COLUMNS))
+
+
+def _iter_parquet(spec: ShardSpec, storage_options: StorageOptions) -> Iterator[Member]:
+    url = spec.urls[0]
+    fs, path = get_fs(url, storage_options)
+    try:
+        f = fs.open(path, "rb")
+    except Exception as exc:  # storage backends raise many types
+        yield _error("__shard__", 0, "UnreadableShard", describe_storage_error(url, exc))
+        return
+    with f:
+        try:
+            pf = pq.ParquetFile(f)
+            cols = _parquet_columns(pf.schema_arrow)
+        except _PARQUET_ERRORS as exc:
+            yield _unreadable(spec, "Parquet file", exc)
+            return
+        if cols.image is None:
+            yield _error("__shard__", 0, "NoImageColumn",
+                         f"{spec.name}: no image column; expected one of {', '.join(IMAGE_COLUMNS)} of binary type "
+                         f"(or a struct with a 'bytes' field), found {', '.join(pf.schema_arrow.names) or 'no columns'}")
+            return
+        builder = _MemberBuilder()
+        row = 0
+        try:
+            for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=cols.names):
+                values = {c: batch.column(c).to_pylist() for c in cols.names}
+                for i in range(batch.num_rows):
+                    data, ext = values[cols.image][i], ""
+                    if cols.image_struct and data is not None:
+                        ext = _path_ext(data.get("path"))
+                        data = data.get("bytes")
+                    key = str(values[cols.key][i]) if cols.key and values[cols.key][i] is not None else f"{row:08d}"
+                    label = values[cols.label][i] if cols.label else None
+                    meta = values[cols.meta][i] if cols.meta else None
+                    row += 1
+                    yield builder.row_member(key, data, ext, label, meta)
+        except _PARQUET_ERRORS as exc:
+            yield _truncated(spec, "parquet", builder.index, _reason(exc))
+
+
+def _path_ext(path: str | None) -> str:
+    if not path or "." not in path.rsplit("/", 1)[-1]:
+        return ""
+    ext = path.rsplit(".", 1)[-1].lower()
+    return ext if ext in SUPPORTED_EXTS else ""
+
+
+def _iter_images(spec: ShardSpec, storage_options: StorageOptions) -> Iterator[Member]:
+    folder = spec.name.rsplit("/", 1)[0]
+    builder = _MemberBuilder()
+    for url in spec.urls:
+        rel = _rel(url, folder)
+        stem, _, ext = rel.rpartition(".")
+        key = stem or rel
+        if key in builder.seen:  # a.png and a.jpg side by side: keep both, the later one by full name
+            key = rel
+        fs, path = get_fs(url, storage_options)
+        try:
+            data, error = fs.cat_file(path), None
+        except Exception as exc:  # storage backends raise many types
+            data, error = None, describe_storage_error(url, exc)
+        yield builder.image_member(key, data, ext.lower(), error)
+
+
+# --------------------------------------------------------------------------- writing
+
+_Record = tuple[str, str, bytes, int | None]  # key, ext, encoded image, label
+
+
+def write_shards(source: str, out_url: str, fmt: str = "tar", shard_size: int = 1000, limit: int | None = None,
+                 storage_options: StorageOptions = None, progress: Callable[[int], Any] | None = None) -> list[str]:
+    """Write ``shard-{n:06d}.tar`` or ``.parquet`` files under ``out_url``; return their URLs.
+
+    Args:
+        source: An IDX images file (``*-idx3-ubyte[.gz]``; the ``labels-idx1-ubyte`` file beside it,
+            if any, supplies labels) or a folder, prefix or glob of image files.
+        out_url: Output folder. Shards already there with the names written are replaced; other
+            ``shard-*`` files there make this fail rather than leave a mixed data set.
+        fmt: ``"tar"`` (WebDataset: ``{key}.{ext}`` plus ``{key}.cls``) or ``"parquet"``
+            (columns ``key``, ``image``, ``label``; zstd).
+        shard_size: Images per shard.
+        limit: Write at most this many images.
+        storage_options: fsspec options for both ``source`` and ``out_url``.
+        progress: Called after each shard with the number of images that shard holds.
+
+    IDX images become lossless PNGs (grayscale, or RGB for ``(N, H, W, 3)``) keyed ``{i:08d}``;
+    image files are copied byte for byte, keyed by their path relative to the folder without the
+    extension (dots in the file name become ``_``). Each shard is built in memory and written
+    atomically; tar members carry fixed metadata, so the same input gives byte-identical shards.
+    """
+    if fmt not in ("tar", "parquet"):
+        raise ShardError("--format must be tar or parquet")
+    if shard_size < 1:
+        raise ShardError(f"--shard-size must be at least 1, got {shard_size}")
+    if limit is not None and limit < 1:
+        raise ShardError(f"--limit must be at least 1, got {limit}")
+    if is_idx_url(source):
+        total, records = _idx_records(source, limit, storage_options)
+    else:
+        total, records = _image_records(source, limit, storage_options)
+    names = [f"shard-{n:06d}.{fmt}" for n in range(-(-total // shard_size))]
+    _check_no_stale_shards(out_url, set(names), storage_options)
+    urls: list[str] = []
+    for name in names:
+        chunk = list(itertools.islice(records, shard_size))
+        url = join(out_url, name)
+        atomic_write_bytes(url, _tar_bytes(chunk) if fmt == "tar" else _parquet_bytes(chunk), storage_options)
+        urls.append(url)
+        log.info("wrote %s (%s images)", url, len(chunk))
+        if progress is not None:
+            progress(len(chunk))
+    return urls
+
+
+def _idx_records(source: str, limit: int | None, storage_options: StorageOptions) -> tuple[int, Iterator[_Record]]:
+    if re.search(r"labels[-.]idx1", source.lower()):
+        raise ShardError(f"{source} holds labels, not images: pass the matching *-images-idx3-ubyte file")
+    images = read_idx(source, storage_options)
+    shape = images.shape
+    if images.ndim == 4 and shape[-1] == 1:
+        images = images[..., 0]
+    if images.dtype != np.uint8 or not (images.ndim == 3 or (images.ndim == 4 and shape[-1] == 3)):
+        raise ShardError(f"{source}: IDX images must be unsigned bytes shaped (N, H, W) or (N, H, W, 3), "
+                         f"got {images.dtype} {shape}")
+    labels = None
+    labels_url = labels_url_for(source, storage_options)
+    if labels_url is not None:
+        labels = read_idx(labels_url, storage_options)
+        if labels.ndim != 1 or len(labels) != len(images) or labels.dtype.kind not in "iu":
+            raise ShardError(f"{labels_url}: expected {len(images)} integer labels, got {labels.dtype} {labels.shape}")
+        log.info("labels from %s", labels_url)
+    n = len(images) if limit is None else min(limit, len(images))
+    if n == 0:
+        raise ShardError(f"{source} contains no images")
+
+    def records() -> Iterator[_Record]:
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(images[i]).save(buf, format="PNG")
+            yield f"{i:08d}", "png", buf.getvalue(), None if labels is None else int(labels[i])
+
+    return n, records()
+
+
+def _image_records(source: str, limit: int | None, storage_options: StorageOptions) -> tuple[int, Iterator[_Record]]:
+    fs, root, files = _list_files(source, storage_options)
+    paths = [p for p in files if _suffix_kind(p) == "images"][:limit]
+    if not paths:
+        raise NoShardsError(f"no image files matched {source} (expected an IDX *-images-idx3-ubyte[.gz] file "
+                            f"or a folder or glob of .{', .'.join(SUPPORTED_EXTS)} files)")
+
+    def records() -> Iterator[_Record]:
+        used: set[str] = set()
+        for path in paths:
+            stem, _, ext = _rel(path, root).rpartition(".")
+            folder, _, base = stem.rpartition("/")
+            key = f"{folder}/{base.replace('.', '_')}" if folder else base.replace(".", "_")
+            candidate, n = key, 1
+            while candidate in used:  # a.png beside a.jpg
+                candidate, n = f"{key}_{ext.lower()}" + (f"_{n}" if n > 1 else ""), n + 1
+            used.add(candidate)
+            try:
+                data = fs.cat_file(path)
+            except Exception as exc:  # storage backends raise many types
+                raise StorageError(describe_storage_error(unstrip(fs, path), exc)) from None
+            yield candidate, ext.lower(), data, None
+
+    return len(paths), records()
+
+
+def _check_no_stale_shards(out_url: str, names: set[str], storage_options: StorageOptions) -> None:
+    fs, path = get_fs(out_url, storage_options)
+    try:
+        existing = fs.glob(path.rstrip("/") + "/shard-*") if fs.isdir(path) else []
+    except Exception as exc:  # storage backends raise many types
+        raise StorageError(describe_storage_error(out_url, exc)) from None
+    stale = sorted(p.rsplit("/", 1)[-1] for p in existing if _SHARD_NAME.search(p))
+    stale = [s for s in stale if s not in names]
+    if stale:
+        raise ShardError(f"{out_url} already holds {len(stale)} shard(s) this run would not replace "
+                         f"(e.g. {stale[0]}); write to an empty folder or delete them first")
+
+
+def _tar_bytes(records: Iterable[_Record]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for key, ext, data, label in records:
+            _add_tar_file(tf, f"{key}.{ext}", data)
+            if label is not None:
+                _add_tar_file(tf, f"{key}.cls", str(label).encode())
+    return buf.getvalue()
+
+
+def _add_tar_file(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tf.addfile(info, io.BytesIO(data))
+
+
+def _parquet_bytes(records: list[_Record]) -> bytes:
+    table = pa.table({
+        "key": pa.array([r[0] for r in records], pa.string()),
+        "image": pa.array([r[2] for r in records], pa.binary()),
+        "label": pa.array([r[3] for r in records], pa.int64()),
+    })
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd", row_group_size=min(1000, max(1, len(records))))
+    return sink.getvalue().to_pybytes()

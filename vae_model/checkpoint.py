@@ -1,0 +1,154 @@
+"""Self-describing checkpoints: one safetensors file at any fsspec URL.
+
+Layout: the safetensors header's string metadata holds
+  ``vaepipe.format``   format version ("1"),
+  ``vaepipe.config``   the :class:`VAEConfig` as JSON,
+  ``vaepipe.meta``     training metadata as JSON (data URL + fingerprint, epochs, steps, validation
+                       ELBO, validation score quantiles, package version, created_at, ...),
+  ``vaepipe.model_id`` sha256 over the config JSON and every tensor's name, dtype, shape and bytes.
+Loading never unpickles anything; the model_id is recomputed and a mismatch is refused. The file
+is written in one atomic step (temp file + rename locally, a single PUT on object stores).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .config import VAEConfig
+from .errors import CheckpointError, ConfigError, StorageError
+from .model import VAE
+from .storage import StorageOptions, atomic_write_bytes, read_bytes
+
+FORMAT_VERSION = "1"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the rebuilt model plus everything saved beside it."""
+
+    model: VAE
+    config: VAEConfig
+    meta: dict[str, Any] = field(default_factory=dict)
+    model_id: str = ""
+
+    @property
+    def score_quantiles(self) -> dict[str, dict[str, float]]:
+        """Validation quantiles per anomaly score name: {score: {"0.5": v, "0.99": v, ...}}."""
+        return self.meta.get("score_quantiles", {})
+
+
+def package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("vaepipe")
+    except Exception:  # not installed as a distribution (e.g. running from a source tree)
+        return "0+unknown"
+
+
+def _state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # Save the uncompiled module's weights: torch.compile prefixes keys with "_orig_mod.".
+    sd = getattr(model, "_orig_mod", model).state_dict()
+    return {k.removeprefix("_orig_mod."): v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def compute_model_id(config_json: str, tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    h.update(b"vaepipe-model-v1\0")
+    h.update(config_json.encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def to_bytes(model: VAE, meta: dict[str, Any] | None = None) -> tuple[bytes, str]:
+    """Serialise a model and its metadata; returns (file bytes, model_id)."""
+    tensors = _state_dict(model)
+    config_json = json.dumps(model.cfg.to_dict(), sort_keys=True)
+    model_id = compute_model_id(config_json, tensors)
+    meta = dict(meta or {})
+    meta.setdefault("package_version", package_version())
+    meta.setdefault("created_at", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    header = {
+        "vaepipe.format": FORMAT_VERSION,
+        "vaepipe.config": config_json,
+        "vaepipe.meta": json.dumps(meta, sort_keys=True, default=str),
+        "vaepipe.model_id": model_id,
+    }
+    return st_save(tensors, metadata=header), model_id
+
+
+def save_checkpoint(model: VAE, url: str, meta: dict[str, Any] | None = None,
+                    storage_options: StorageOptions = None) -> str:
+    """Write ``model`` (+ ``meta``) to ``url`` atomically; returns the model_id."""
+    data, model_id = to_bytes(model, meta)
+    atomic_write_bytes(url, data, storage_options)
+    return model_id
+
+
+def from_bytes(data: bytes, source: str = "<bytes>", map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Parse and verify checkpoint bytes (see module docstring)."""
+    if len(data) < 8:
+        raise CheckpointError(f"{source}: not a vaepipe checkpoint (file is {len(data)} bytes; truncated?)")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len <= 0 or 8 + header_len > len(data):
+        raise CheckpointError(f"{source}: truncated or not a safetensors checkpoint (header says {header_len} bytes, "
+                              f"file has {len(data)})")
+    try:
+        header = json.loads(data[8:8 + header_len])
+        tensors = st_load(data)
+    except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{source}: corrupt or truncated checkpoint ({str(exc).splitlines()[0]})") from None
+    meta_hdr = header.get("__metadata__") or {}
+    fmt = meta_hdr.get("vaepipe.format")
+    if fmt is None:
+        raise CheckpointError(f"{source}: a safetensors file, but not a vaepipe checkpoint (no vaepipe.format)")
+    if fmt != FORMAT_VERSION:
+        raise CheckpointError(f"{source}: checkpoint format {fmt} is not supported by this vaepipe "
+                              f"(supports {FORMAT_VERSION}); upgrade vaepipe")
+    config_json = meta_hdr.get("vaepipe.config", "")
+    expected = meta_hdr.get("vaepipe.model_id", "")
+    actual = compute_model_id(config_json, tensors)
+    if actual != expected:
+        raise CheckpointError(f"{source}: content hash mismatch (model_id {expected or '?'} recorded, {actual} "
+                              "computed): the checkpoint was modified or corrupted; retrain or restore it")
+    try:
+        config = VAEConfig.from_dict(json.loads(config_json))
+        meta = json.loads(meta_hdr.get("vaepipe.meta", "{}"))
+    except (ConfigError, TypeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{source}: incompatible checkpoint config ({exc})") from None
+    model = VAE(config)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{source}: weights do not match the config "
+                              f"({str(exc).splitlines()[0]}); incompatible vaepipe version?") from None
+    model.to(map_location).eval()
+    return Checkpoint(model=model, config=config, meta=meta, model_id=expected)
+
+
+def load_checkpoint(url: str, storage_options: StorageOptions = None,
+                    map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read and verify a checkpoint from any fsspec URL."""
+    try:
+        data = read_bytes(url, storage_options)
+    except StorageError as exc:
+        raise CheckpointError(f"cannot read checkpoint {exc}") from None
+    return from_bytes(data, source=url, map_location=map_location)
+
+
+def update_meta(url: str, updates: dict[str, Any], storage_options: StorageOptions = None) -> str:
+    """Rewrite a checkpoint with extra metadata (weights unchanged, so the model_id is too)."""
+    ckpt = load_checkpoint(url, storage_options)
+    meta = {**ckpt.meta, **updates}
+    return save_checkpoint(ckpt.model, url, meta, storage_options)

@@ -1,0 +1,85 @@
+"""The model's configuration: one typed dataclass, saved inside every checkpoint."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .errors import ConfigError
+
+LIKELIHOODS = ("bernoulli", "discretized_logistic")
+MIN_SIZE, MAX_SIZE = 16, 256
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Architecture and objective of a convolutional VAE.
+
+    The encoder halves the resolution once per entry of ``widths`` (stride-2 convs), so
+    ``image_size`` must be divisible by ``2 ** len(widths)``; the decoder mirrors it.
+    """
+
+    image_size: int = 28  # square images, pixels per side
+    channels: int = 1  # 1 (grayscale) or 3 (RGB)
+    latent_dim: int = 32  # size of z
+    widths: tuple[int, ...] = (32, 64)  # conv channels per resolution level
+    hidden_dim: int = 256  # fully connected layer between conv trunk and z
+    likelihood: str = "discretized_logistic"  # pixel model p(x|z): see LIKELIHOODS
+    beta: float = 1.0  # weight of the KL term (1.0 gives the true ELBO)
+    logvar_min: float = -30.0  # posterior log-variance clamp, as in diffusers
+    logvar_max: float = 20.0
+    extras: dict[str, Any] = field(default_factory=dict, compare=False)  # free-form, saved as is
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        if self.channels not in (1, 3):
+            raise ConfigError(f"channels={self.channels}: use 1 (grayscale) or 3 (RGB)")
+        if not MIN_SIZE <= self.image_size <= MAX_SIZE:
+            raise ConfigError(f"image_size={self.image_size}: supported sizes are {MIN_SIZE}..{MAX_SIZE} pixels")
+        if not self.widths or any(w < 1 for w in self.widths):
+            raise ConfigError(f"widths={self.widths}: give one positive channel count per resolution level")
+        factor = 2 ** len(self.widths)
+        if self.image_size % factor:
+            ok = [n for n in range(1, 6) if self.image_size % (2 ** n) == 0]
+            raise ConfigError(
+                f"image_size={self.image_size} is not divisible by 2**len(widths)={factor}; "
+                f"use {len(ok) and max(ok)} or fewer width levels, or resize images to a multiple of {factor}")
+        if self.image_size // factor < 2:
+            raise ConfigError(f"widths={self.widths} downsample {self.image_size}px to below 2px; use fewer levels")
+        if self.latent_dim < 1 or self.hidden_dim < 1:
+            raise ConfigError("latent_dim and hidden_dim must be positive")
+        if self.likelihood not in LIKELIHOODS:
+            raise ConfigError(f"likelihood={self.likelihood!r}: choose one of {', '.join(LIKELIHOODS)}")
+        if not self.beta > 0:
+            raise ConfigError(f"beta={self.beta}: must be > 0")
+
+    @property
+    def num_dims(self) -> int:
+        """Number of pixel values per image (for bits/dim)."""
+        return self.channels * self.image_size * self.image_size
+
+    @property
+    def bottom_size(self) -> int:
+        return self.image_size // (2 ** len(self.widths))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["widths"] = list(self.widths)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "VAEConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config fields {unknown}: the checkpoint was written by a newer vaepipe; upgrade")
+        return cls(**{k: (tuple(v) if k == "widths" else v) for k, v in data.items()})
+
+    @classmethod
+    def default_for(cls, image_size: int, channels: int, **overrides: Any) -> "VAEConfig":
+        """A sensible architecture for a given image size (more levels for bigger images)."""
+        levels = {28: (32, 64), 32: (32, 64, 128), 64: (32, 64, 128, 256)}.get(image_size)
+        if levels is None:
+            levels = tuple(32 * 2 ** i for i in range(4) if image_size % (2 ** (i + 1)) == 0
+                           and image_size // 2 ** (i + 1) >= 4) or (32,)
+        overrides.setdefault("widths", levels)
+        return cls(image_size=image_size, channels=channels, **overrides)

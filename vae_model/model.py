@@ -1,0 +1,198 @@
+"""Convolutional VAE: encoder -> DiagonalGaussian, decoder -> pixel likelihood.
+
+Images enter as uint8 tensors (B, C, H, W) with values 0..255; ``prepare`` turns them into
+the network input and the likelihood's target (binarised for ``bernoulli``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import losses
+from .config import VAEConfig
+from .distributions import PIXEL_LIKELIHOODS, DiagonalGaussian, standard_normal_log_prob
+
+# Budget for one IWAE chunk: decoder outputs of at most this many pixel values at once.
+IWAE_CHUNK_VALUES = 1 << 23
+
+
+@dataclass
+class ElboTerms:
+    """Per-image ELBO decomposition; every field is (B,) except ``mean`` (B, latent_dim)."""
+
+    recon_nll: torch.Tensor  # -E_q[log p(x|z)], nats
+    kl: torch.Tensor  # KL(q(z|x) || p(z)), nats
+    neg_elbo: torch.Tensor  # recon_nll + kl, nats (>= -log p(x))
+    bits_per_dim: torch.Tensor  # neg_elbo in bits per pixel value
+    mean: torch.Tensor  # posterior mean: the embedding
+
+
+def _level(cin: int, cout: int, down: bool) -> nn.Sequential:
+    if down:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1), nn.SiLU(), nn.Conv2d(cout, cout, 4, 2, 1), nn.SiLU())
+    return nn.Sequential(nn.ConvTranspose2d(cin, cout, 4, 2, 1), nn.SiLU(), nn.Conv2d(cout, cout, 3, 1, 1), nn.SiLU())
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        chans = (cfg.channels, *cfg.widths)
+        self.convs = nn.Sequential(*[_level(a, b, down=True) for a, b in zip(chans[:-1], chans[1:])])
+        flat = cfg.widths[-1] * cfg.bottom_size ** 2
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, cfg.hidden_dim), nn.SiLU(),
+                                  nn.Linear(cfg.hidden_dim, 2 * cfg.latent_dim))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.head(self.convs(x))  # (B, 2D)
+        mean, logvar = h.float().chunk(2, dim=-1)
+        return mean, logvar
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        flat = cfg.widths[-1] * cfg.bottom_size ** 2
+        self.head = nn.Sequential(nn.Linear(cfg.latent_dim, cfg.hidden_dim), nn.SiLU(),
+                                  nn.Linear(cfg.hidden_dim, flat), nn.SiLU())
+        rev = cfg.widths[::-1]
+        self.convs = nn.Sequential(*[_level(a, b, down=False) for a, b in zip(rev, (*rev[1:], rev[-1]))])
+        n_params = PIXEL_LIKELIHOODS[cfg.likelihood].params_per_channel
+        self.out = nn.Conv2d(rev[-1], cfg.channels * n_params, 3, 1, 1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        h = self.head(z).view(-1, c.widths[-1], c.bottom_size, c.bottom_size)
+        return self.out(self.convs(h)).float()  # (B, C * params, H, W)
+
+
+class VAE(nn.Module):
+    """A convolutional VAE. ``encode`` returns a :class:`DiagonalGaussian`."""
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self._pixels = PIXEL_LIKELIHOODS[cfg.likelihood]
+
+    # -- data ----------------------------------------------------------------------------
+    def prepare(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images (B, C, H, W) -> (network input in [-1, 1], likelihood target).
+
+        ``bernoulli`` binarises: stochastically (dynamic binarisation) when a generator is
+        given, else deterministically at 0.5 so that scoring is reproducible.
+        """
+        c = self.cfg
+        if x.dim() != 4 or x.shape[1:] != (c.channels, c.image_size, c.image_size):
+            raise ValueError(f"expected images of shape (B, {c.channels}, {c.image_size}, {c.image_size}), "
+                             f"got {tuple(x.shape)}")
+        xf = x.float()
+        if c.likelihood == "bernoulli":
+            p = xf / 255.0
+            target = torch.bernoulli(p, generator=generator) if generator is not None else (p >= 0.5).float()
+            return target * 2.0 - 1.0, target
+        return xf / 127.5 - 1.0, xf
+
+    # -- model ---------------------------------------------------------------------------
+    def encode(self, x_in: torch.Tensor) -> DiagonalGaussian:
+        mean, logvar = self.encoder(x_in)
+        return DiagonalGaussian(mean, logvar, self.cfg.logvar_min, self.cfg.logvar_max)
+
+    def decode(self, z: torch.Tensor):
+        """z (..., D) -> pixel distribution over (prod(...), C, H, W)."""
+        return self._pixels(self.decoder(z.reshape(-1, z.shape[-1])))
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> ElboTerms:
+        return self.elbo(x, generator=generator)
+
+    def elbo(self, x: torch.Tensor, generator: torch.Generator | None = None,
+             eps: torch.Tensor | None = None, sample: bool = True) -> ElboTerms:
+        """Single-sample ELBO per image. Training passes a generator (dynamic binarisation);
+        scoring passes ``eps`` (B, D) so each image's noise does not depend on its batch."""
+        x_in, target = self.prepare(x, generator)
+        q = self.encode(x_in)
+        z = q.sample(generator=generator, eps=eps) if sample else q.mode()
+        recon = self.decode(z).nll(target)
+        kl = q.kl()
+        neg = losses.negative_elbo(recon, kl)
+        return ElboTerms(recon, kl, neg, losses.bits_per_dim(neg, self.cfg.num_dims), q.mean)
+
+    def iwae(self, x: torch.Tensor, k: int, generator: torch.Generator | None = None,
+             eps: torch.Tensor | None = None, chunk_size: int | None = None,
+             binarize_generator: torch.Generator | None = None) -> torch.Tensor:
+        """IWAE-k estimate of log p(x) per image (B,), nats. Chunked over k to bound memory.
+
+        ``eps`` may be a (k, B, D) tensor of standard normal noise (deterministic scoring).
+        """
+        if k < 1:
+            raise ValueError("k must be >= 1")
+        x_in, target = self.prepare(x, binarize_generator)
+        q = self.encode(x_in)
+        b = x.shape[0]
+        if chunk_size is None:
+            per_sample = b * self.cfg.num_dims * self._pixels.params_per_channel
+            chunk_size = max(1, min(k, IWAE_CHUNK_VALUES // max(per_sample, 1)))
+        acc = torch.full((b,), -math.inf, device=x.device)
+        for start in range(0, k, chunk_size):
+            n = min(chunk_size, k - start)
+            z = q.sample(generator=generator, n=n, eps=None if eps is None else eps[start:start + n])  # (n, B, D)
+            target_n = target.unsqueeze(0).expand(n, *target.shape).reshape(n * b, *target.shape[1:])
+            log_px = -self.decode(z).nll(target_n).view(n, b)
+            log_w = losses.importance_log_weights(log_px, standard_normal_log_prob(z), q.log_prob(z))
+            acc = torch.logaddexp(acc, torch.logsumexp(log_w, dim=0))
+        return acc - math.log(k)
+
+    # -- generation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0,
+               stochastic_pixels: bool = False) -> torch.Tensor:
+        """n images from the prior, uint8 (n, C, H, W); pixel means unless ``stochastic_pixels``."""
+        dev = next(self.parameters()).device
+        z = torch.randn((n, self.cfg.latent_dim), generator=generator, device=dev) * temperature
+        px = self.decode(z)
+        img = px.sample_image(generator) if stochastic_pixels else px.mean_image()
+        return img.round().clamp(0, 255).to(torch.uint8)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Decode the posterior mean of each image: uint8 (B, C, H, W)."""
+        q = self.encode(self.prepare(x)[0])
+        return self.decode(q.mode()).mean_image().round().clamp(0, 255).to(torch.uint8)
+
+    @torch.no_grad()
+    def interpolate(self, a: torch.Tensor, b: torch.Tensor, steps: int = 8) -> torch.Tensor:
+        """Images along the line between the posterior means of ``a`` and ``b`` (each (C, H, W)
+        uint8): uint8 (steps, C, H, W), endpoints included."""
+        if steps < 2:
+            raise ValueError("steps must be >= 2")
+        q = self.encode(self.prepare(torch.stack([a, b]))[0])
+        t = torch.linspace(0, 1, steps, device=q.mean.device).unsqueeze(1)
+        z = (1 - t) * q.mean[0] + t * q.mean[1]
+        return self.decode(z).mean_image().round().clamp(0, 255).to(torch.uint8)
+
+
+def noise_for_keys(keys: list[str], shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """Standard normal noise, one independent stream per key: (*shape, len(keys), D) where
+    ``shape`` is (..., D) minus the batch dim, e.g. (D,) -> (B, D), (K, D) -> (K, B, D).
+
+    Seeded by a hash of the key, so an image gets the same noise whatever batch, worker or
+    runner scores it.
+    """
+    import hashlib
+
+    import numpy as np
+
+    out = np.empty((len(keys), *shape), dtype=np.float32)
+    for i, key in enumerate(keys):
+        h = int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "little")
+        out[i] = np.random.default_rng(h).standard_normal(shape, dtype=np.float32)
+    t = torch.from_numpy(out)
+    return t if len(shape) == 1 else t.movedim(0, -2)
+
+
+ScoreFn = Callable[[torch.Tensor], torch.Tensor]

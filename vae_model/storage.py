@@ -1,0 +1,132 @@
+"""fsspec helpers shared by checkpoints, shards and pipeline outputs.
+
+URLs may be plain paths or any fsspec URL (``file://``, ``s3://``, ``gs://``, ``memory://``).
+Endpoints and credentials come the usual fsspec/botocore way (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``...) or through ``storage_options``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from .errors import StorageError
+
+StorageOptions = dict[str, Any] | None
+
+
+def parse_storage_options(text: str | None) -> dict[str, Any]:
+    """Parse a ``--storage-options`` JSON object (``None``/empty gives ``{}``)."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise StorageError(f"--storage-options is not valid JSON ({exc.msg}); pass an object such as "
+                           '\'{"client_kwargs": {"endpoint_url": "http://..."}}\'') from None
+    if not isinstance(value, dict):
+        raise StorageError("--storage-options must be a JSON object, e.g. '{\"anon\": true}'")
+    return value
+
+
+def get_fs(url: str, storage_options: StorageOptions = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return ``(filesystem, path)`` for a URL, with a clear error for unknown protocols."""
+    try:
+        return url_to_fs(url, **(storage_options or {}))
+    except (ImportError, ValueError) as exc:
+        proto = url.split("://", 1)[0] if "://" in url else "file"
+        hint = {"s3": "pip install 'vaepipe[s3]'", "gs": "pip install 'vaepipe[gcs]'", "gcs": "pip install 'vaepipe[gcs]'"}
+        raise StorageError(f"cannot open {url!r}: {exc}. "
+                           f"{hint.get(proto, 'install the fsspec backend for ' + repr(proto))}") from None
+
+
+def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Turn a filesystem-internal path back into a full URL (``s3://b/k``, ``/abs/path``)."""
+    return fs.unstrip_protocol(path) if _protocol(fs) not in ("file", "local") else path
+
+
+def _protocol(fs: fsspec.AbstractFileSystem) -> str:
+    proto = fs.protocol
+    return proto[0] if isinstance(proto, (tuple, list)) else proto
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return _protocol(fs) in ("file", "local")
+
+
+def join(url: str, *parts: str) -> str:
+    """Join URL path components with ``/`` (works for local paths and object stores)."""
+    out = url.rstrip("/")
+    for p in parts:
+        out = out + "/" + p.strip("/")
+    return out
+
+
+def describe_storage_error(url: str, exc: BaseException) -> str:
+    """One-line description of a storage failure, naming the likely cause."""
+    text = f"{type(exc).__name__}: {exc}".strip()
+    low = text.lower()
+    if "nosuchbucket" in low or "bucket does not exist" in low or "specified bucket does not exist" in low:
+        cause = "the bucket does not exist"
+    elif any(s in low for s in ("accessdenied", "invalidaccesskeyid", "signaturedoesnotmatch", "forbidden", "403")):
+        cause = "access denied: check credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or --storage-options)"
+    elif isinstance(exc, FileNotFoundError):
+        cause = "not found"
+    elif isinstance(exc, PermissionError):
+        cause = "permission denied"
+    else:
+        cause = text.splitlines()[0] if text else type(exc).__name__
+    return f"{url}: {cause}"
+
+
+def read_bytes(url: str, storage_options: StorageOptions = None) -> bytes:
+    fs, path = get_fs(url, storage_options)
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except Exception as exc:  # storage backends raise many types; report one line
+        raise StorageError(describe_storage_error(url, exc)) from None
+
+
+def atomic_write_bytes(url: str, data: bytes, storage_options: StorageOptions = None) -> None:
+    """Write ``data`` so that ``url`` never holds a partial file.
+
+    Local (and other rename-capable) filesystems get a temp name in the same folder followed by
+    an atomic rename; object stores get a single PUT, which becomes visible only when complete.
+    """
+    fs, path = get_fs(url, storage_options)
+    try:
+        if is_local(fs):
+            parent = os.path.dirname(path) or "."
+            os.makedirs(parent, exist_ok=True)
+            tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        else:
+            parent = path.rsplit("/", 1)[0]
+            if _protocol(fs) == "memory":
+                fs.makedirs(parent, exist_ok=True)
+            fs.pipe_file(path, data)
+    except StorageError:
+        raise
+    except Exception as exc:
+        raise StorageError(describe_storage_error(url, exc)) from None
+
+
+def exists(url: str, storage_options: StorageOptions = None) -> bool:
+    fs, path = get_fs(url, storage_options)
+    try:
+        return fs.exists(path)
+    except Exception as exc:
+        raise StorageError(describe_storage_error(url, exc)) from None
