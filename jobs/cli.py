@@ -239,6 +239,58 @@ def evaluate(data_url: str, checkpoint_url: str, iwae_k: int, batch_size: int, l
     click.echo(json.dumps(res))
 
 
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("data_url")
+@click.option("--checkpoint", "checkpoint_url", required=True, help="Checkpoint URL.")
+@click.option("--out", "out_url", required=True, help="Output folder/prefix URL for Parquet files.")
+@click.option("--batch-size", default=256, show_default=True, help="Images scored per forward pass.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--score", type=click.Choice(["elbo", "iwae", "complexity"]), default="elbo", show_default=True,
+              help="anomaly_score: -ELBO, -IWAE_k, or -ELBO bits minus lossless-coder bits (input complexity).")
+@click.option("--iwae-k", default=64, show_default=True, help="Importance samples for --score iwae.")
+@click.option("--threshold-quantile", default=0.99, show_default=True,
+              help="is_anomaly = score above this quantile of the checkpoint's validation scores.")
+@click.option("--run-date", default=None, metavar="YYYY-MM-DD", help="Write under OUT/dt=YYYY-MM-DD/.")
+@click.option("--skip-existing/--no-skip-existing", default=True, show_default=True,
+              help="Skip shards whose output exists for the same model_id and score.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="auto: bf16 on CUDA, fp32 on CPU (rows reproducible to 1e-5).")
+@click.option("--torch-threads", default=0, show_default=True, help="Threads per worker (0: automatic).")
+@storage_option
+@click.pass_context
+@handle_errors
+def embed(ctx: click.Context, data_url: str, checkpoint_url: str, out_url: str, batch_size: int, device: str,
+          score: str, iwae_k: int, threshold_quantile: float, run_date: str | None, skip_existing: bool,
+          precision: str, torch_threads: int, storage_options: str | None) -> None:
+    """Embed and anomaly-score every image in the shards at DATA_URL with Apache Beam.
+
+    Writes one zstd Parquet file per input shard under OUT (one row per image), dead letters
+    under OUT/errors/, then OUT/_manifest.json and OUT/_SUCCESS. Any other flag goes to Beam's
+    PipelineOptions (--runner, --direct_num_workers, --dask_client_address, ...).
+
+    \b
+    Example:
+      vaepipe embed 's3://bucket/images/*.tar' --checkpoint s3://bucket/m.safetensors \\
+          --out s3://bucket/latents/ --run-date 2026-11-28 \\
+          --direct_num_workers=2 --direct_running_mode=multi_processing
+    """
+    from pipeline.embed import EmbedOptions
+    from pipeline.run import run_embed
+
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    opts = EmbedOptions(checkpoint=checkpoint_url, out_url=out_url, batch_size=batch_size, device=device,
+                        score=score, iwae_k=iwae_k, threshold_quantile=threshold_quantile, run_date=run_date,
+                        skip_existing=skip_existing, precision=precision, torch_threads=torch_threads,
+                        storage_options=_so(storage_options))
+    manifest = run_embed(data_url, opts, list(ctx.args))
+    t = manifest["totals"]
+    click.echo(f"{t['shards']} shards ({t['shards_skipped']} skipped), {t['images_seen']} images: "
+               f"{t['rows']} rows, {t['errors']} dead letters, {manifest['images_per_s']} img/s "
+               f"-> {manifest['partition_url']}", err=True)
+    click.echo(json.dumps({k: manifest[k] for k in ("partition_url", "model_id", "totals", "reconciled",
+                                                    "seconds", "images_per_s", "runner")}))
+
+
 @cli.command()
 @click.argument("checkpoint_url")
 @storage_option

@@ -32,7 +32,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vae_model.errors import ConfigError, ImageDecodeError
 
@@ -65,6 +65,9 @@ def decode_image(data: bytes, channels: int, size: int) -> np.ndarray:
         img = Image.open(io.BytesIO(data))
         img.load()
         img = ImageOps.exif_transpose(img)
+    except UnidentifiedImageError:
+        raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): not a recognised image format "
+                               f"(starts with {data[:8].hex()})") from None
     except Exception as exc:  # Pillow's format plugins raise many exception types on bad data
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())
         raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {reason}") from None

@@ -1,0 +1,290 @@
+"""Embed and score one shard: the pipeline's unit of work, independent of Beam.
+
+One call streams a shard's members, decodes them in a background thread, scores them in
+batches of ``batch_size`` on the model's device, and writes one Parquet file of rows (plus one
+of dead letters, when any) atomically. Every member ends up as exactly one row or one dead
+letter; the counts go into the file's metadata and the returned summary.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import queue
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.decode import decode_image
+from pipeline.schema import ERROR_SCHEMA, latent_schema
+from pipeline.shards import ShardSpec, iter_members
+from pipeline.writer import AtomicParquetWriter, read_metadata
+from vae_model.checkpoint import Checkpoint, load_checkpoint
+from vae_model.errors import ConfigError, ImageDecodeError
+from vae_model.scoring import SCORES, ScoreOptions, percentile_of, score_batch, threshold_for
+from vae_model.storage import StorageOptions, get_fs, join
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbedOptions:
+    """Everything a worker needs to embed shards (picklable: shipped to Beam workers)."""
+
+    checkpoint: str
+    out_url: str
+    batch_size: int = 256
+    device: str = "auto"  # auto | cpu | cuda
+    score: str = "elbo"  # elbo | iwae | complexity
+    iwae_k: int = 64
+    threshold_quantile: float = 0.99
+    run_date: str | None = None  # YYYY-MM-DD: output goes under dt=YYYY-MM-DD/
+    skip_existing: bool = True
+    precision: str = "auto"  # auto | fp32 | bf16
+    torch_threads: int = 0  # 0: torch's default
+    seed: int = 0
+    storage_options: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError("--batch-size must be >= 1")
+        if self.score not in SCORES:
+            raise ConfigError(f"--score {self.score}: choose one of {', '.join(SCORES)}")
+        if self.iwae_k < 1:
+            raise ConfigError("--iwae-k must be >= 1")
+        if not 0 < self.threshold_quantile < 1:
+            raise ConfigError("--threshold-quantile must be between 0 and 1, e.g. 0.99")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError("--device must be auto, cpu or cuda")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA device is available here; use --device auto or cpu")
+        if self.run_date is not None:
+            try:
+                dt.date.fromisoformat(self.run_date)
+            except ValueError:
+                raise ConfigError(f"--run-date {self.run_date!r}: use YYYY-MM-DD") from None
+
+    @property
+    def partition_url(self) -> str:
+        return join(self.out_url, f"dt={self.run_date}") if self.run_date else self.out_url
+
+    @property
+    def errors_url(self) -> str:
+        base = join(self.out_url, "errors")
+        return join(base, f"dt={self.run_date}") if self.run_date else base
+
+
+def output_name(spec: ShardSpec) -> str:
+    """Deterministic, unique file name for a shard's output: readable stem + hash of its URL."""
+    stem = spec.name.rstrip("/").rsplit("/", 1)[-1]
+    stem = re.sub(r"\.(tar|parquet|tgz|tar\.gz)$", "", stem)
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)[:80] or "shard"
+    digest = hashlib.sha256(spec.name.encode()).hexdigest()[:10]
+    return f"{stem}-{digest}.parquet"
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    # CPU default is fp32: rows must agree to 1e-5 whatever the batch size or runner, and bf16
+    # rounding (about 3 significant digits) does not; on CUDA bf16 is the throughput default.
+    if requested != "auto":
+        return requested
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+class _Prefetch:
+    """Run an iterator in a daemon thread, ``depth`` items ahead (decode overlaps compute)."""
+
+    _END = object()
+
+    def __init__(self, it: Iterator, depth: int = 2) -> None:
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.exc: BaseException | None = None
+        self.t = threading.Thread(target=self._run, args=(it,), daemon=True)
+        self.t.start()
+
+    def _run(self, it: Iterator) -> None:
+        try:
+            for item in it:
+                self.q.put(item)
+        except BaseException as exc:  # re-raised in the consumer
+            self.exc = exc
+        finally:
+            self.q.put(self._END)
+
+    def __iter__(self) -> Iterator:
+        while True:
+            item = self.q.get()
+            if item is self._END:
+                if self.exc is not None:
+                    raise self.exc
+                return
+            yield item
+
+
+class ShardEmbedder:
+    """Loads the model once; :meth:`process` embeds one shard end to end."""
+
+    def __init__(self, opts: EmbedOptions, checkpoint: Checkpoint | None = None) -> None:
+        self.opts = opts
+        if opts.torch_threads:
+            torch.set_num_threads(opts.torch_threads)
+        self.device = resolve_device(opts.device)
+        self.ckpt = checkpoint or load_checkpoint(opts.checkpoint, opts.storage_options, map_location=self.device)
+        self.ckpt.model.to(self.device).eval()
+        self.cfg = self.ckpt.config
+        self.schema = latent_schema(self.cfg.latent_dim)
+        self.score_opts = ScoreOptions(score=opts.score, iwae_k=opts.iwae_k, seed=opts.seed,
+                                       precision=resolve_precision(opts.precision, self.device))
+        self.table = self.ckpt.score_quantiles.get(opts.score)
+        self.threshold = threshold_for(self.table, opts.threshold_quantile) if self.table else None
+        if self.table is None:
+            log.warning("checkpoint has no validation quantiles for score %r: anomaly_percentile and is_anomaly "
+                        "will be null", opts.score)
+        self.run_date = dt.date.fromisoformat(opts.run_date) if opts.run_date else None
+        self.file_meta = {
+            "vaepipe.model_id": self.ckpt.model_id,
+            "vaepipe.config": json.dumps(self.cfg.to_dict(), sort_keys=True),
+            "vaepipe.score": opts.score,
+            "vaepipe.iwae_k": str(opts.iwae_k),
+            "vaepipe.threshold": json.dumps(self.threshold),
+            "vaepipe.threshold_quantile": str(opts.threshold_quantile),
+        }
+
+    # -- outputs -------------------------------------------------------------------------
+    def rows_url(self, spec: ShardSpec) -> str:
+        return join(self.opts.partition_url, output_name(spec))
+
+    def errors_url(self, spec: ShardSpec) -> str:
+        return join(self.opts.errors_url, output_name(spec))
+
+    def existing(self, spec: ShardSpec) -> dict | None:
+        """Summary of a complete earlier output for this shard with the same model and score."""
+        md = read_metadata(self.rows_url(spec), self.opts.storage_options)
+        if not md or md.get("vaepipe.model_id") != self.ckpt.model_id:
+            return None
+        if md.get("vaepipe.score") != self.opts.score or md.get("vaepipe.iwae_k") != str(self.opts.iwae_k):
+            return None
+        try:
+            counts = json.loads(md["vaepipe.counts"])
+        except (KeyError, json.JSONDecodeError):
+            return None
+        return {"shard": spec.name, "output": self.rows_url(spec), **counts, "skipped": True, "seconds": 0.0,
+                "pid": os.getpid()}
+
+    # -- work ----------------------------------------------------------------------------
+    def _decoded(self, spec: ShardSpec, errors: list[dict]) -> Iterator[list[tuple]]:
+        """Batches of (key, index, label, meta, pixels); read/decode failures go to ``errors``."""
+        c, size, bs = self.cfg.channels, self.cfg.image_size, self.opts.batch_size
+        batch: list[tuple] = []
+        for m in iter_members(spec, self.opts.storage_options):
+            key = f"{spec.name}/{m.key}"
+            if m.error is not None or m.data is None:
+                errors.append(self._error(key, spec, m.index, "read", m.error_type or "ReadError",
+                                          m.error or "member has no data"))
+                continue
+            try:
+                pixels = decode_image(m.data, c, size)
+            except ImageDecodeError as exc:
+                errors.append(self._error(key, spec, m.index, "decode", "ImageDecodeError", str(exc)))
+                continue
+            batch.append((key, m.index, m.label, m.meta, pixels))
+            if len(batch) == bs:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def _error(self, key: str, spec: ShardSpec, index: int, stage: str, etype: str, message: str) -> dict:
+        return {"key": key, "shard": spec.name, "index": index, "stage": stage, "error_type": etype,
+                "message": message[:2000], "model_id": self.ckpt.model_id, "run_date": self.run_date}
+
+    def _record_batch(self, spec: ShardSpec, batch: list[tuple], s: dict[str, np.ndarray]) -> pa.RecordBatch:
+        n = len(batch)
+        emb = s["embedding"]
+        score = s["anomaly_score"]
+        pct = percentile_of(score, self.table) if self.table else None
+        is_anom = score > self.threshold if self.threshold is not None else None
+        none = pa.nulls(n, pa.float64())
+        cols = {
+            "key": pa.array([b[0] for b in batch], pa.string()),
+            "shard": pa.array([spec.name] * n, pa.string()),
+            "index": pa.array([b[1] for b in batch], pa.int64()),
+            "label": pa.array([b[2] for b in batch], pa.int64()),
+            "meta": pa.array([json.dumps(b[3]) if b[3] is not None else None for b in batch], pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), emb.shape[1]),
+            "elbo": pa.array(s["elbo"]), "recon_nll": pa.array(s["recon_nll"]), "kl": pa.array(s["kl"]),
+            "bits_per_dim": pa.array(s["bits_per_dim"]),
+            "iwae_nll": pa.array(s["iwae_nll"]) if "iwae_nll" in s else none,
+            "complexity": pa.array(s["complexity"]) if "complexity" in s else none,
+            "anomaly_score": pa.array(score),
+            "anomaly_percentile": pa.array(pct) if pct is not None else none,
+            "is_anomaly": pa.array(is_anom) if is_anom is not None else pa.nulls(n, pa.bool_()),
+            "model_id": pa.array([self.ckpt.model_id] * n, pa.string()),
+            "run_date": pa.array([self.run_date] * n, pa.date32()),
+        }
+        return pa.RecordBatch.from_pydict(cols, schema=self.schema)
+
+    def process(self, spec: ShardSpec) -> dict:
+        """Embed one shard (or skip it if its output is complete); returns its summary."""
+        if self.opts.skip_existing:
+            done = self.existing(spec)
+            if done is not None:
+                log.info("skip %s: output exists for model %s", spec.name, self.ckpt.model_id)
+                return done
+        t0 = time.monotonic()
+        so = self.opts.storage_options
+        errors: list[dict] = []
+        writer = AtomicParquetWriter(self.rows_url(spec), self.schema, so)
+        try:
+            for batch in _Prefetch(self._decoded(spec, errors)):
+                pixels = np.stack([b[4] for b in batch])
+                keys = [b[0] for b in batch]
+                try:
+                    s = score_batch(self.ckpt.model, pixels, keys, self.score_opts, self.device)
+                except (RuntimeError, ValueError) as exc:  # e.g. out of memory on a huge batch
+                    errors.extend(self._error(k, spec, b[1], "score", type(exc).__name__, str(exc))
+                                  for k, b in zip(keys, batch))
+                    continue
+                writer.write(self._record_batch(spec, batch, s))
+            counts = {"images_seen": writer.rows + len(errors), "rows": writer.rows, "errors": len(errors)}
+            self._write_errors(spec, errors)
+            writer.commit({**self.file_meta, "vaepipe.shard": spec.name, "vaepipe.counts": json.dumps(counts)})
+        except BaseException:
+            writer.abort()
+            raise
+        secs = time.monotonic() - t0
+        log.info("shard %s: %d rows, %d errors in %.2fs (%.0f img/s)", spec.name, counts["rows"], counts["errors"],
+                 secs, counts["images_seen"] / max(secs, 1e-9))
+        return {"shard": spec.name, "output": self.rows_url(spec), **counts, "skipped": False,
+                "seconds": round(secs, 4), "pid": os.getpid()}
+
+    def _write_errors(self, spec: ShardSpec, errors: list[dict]) -> None:
+        url = self.errors_url(spec)
+        if not errors:
+            fs, path = get_fs(url, self.opts.storage_options)
+            if fs.exists(path):  # a stale dead-letter file from an earlier run of a changed shard
+                fs.rm(path)
+            return
+        w = AtomicParquetWriter(url, ERROR_SCHEMA, self.opts.storage_options)
+        w.write(pa.RecordBatch.from_pylist(errors, schema=ERROR_SCHEMA))
+        w.commit({"vaepipe.model_id": self.ckpt.model_id, "vaepipe.shard": spec.name})
+
+
+def options_dict(opts: EmbedOptions) -> dict:
+    d = asdict(opts)
+    d.pop("storage_options", None)  # may hold credentials
+    return d

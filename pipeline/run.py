@@ -1,0 +1,117 @@
+"""``run()``: the embedding pipeline from image shards to Parquet latents and anomaly scores.
+
+    python -m pipeline.run s3://bucket/images/*.tar --checkpoint s3://bucket/m.safetensors \\
+        --out s3://bucket/latents/ --run-date 2026-11-28 --runner=DataflowRunner --project=...
+
+Flags this module does not know are handed to Beam's ``PipelineOptions`` unchanged, so every
+runner's options work. Pre-flight checks (checkpoint, shards, output writable) run before the
+pipeline is built: a bad input fails with one line and nothing written.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import os
+import uuid
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+
+from pipeline.embed import EmbedOptions, options_dict
+from pipeline.manifest import clear_success, read_manifest
+from pipeline.shards import expand_shards
+from pipeline.transforms import EmbedShards, ReadImageShards, WriteManifest
+from vae_model.checkpoint import load_checkpoint
+from vae_model.errors import StorageError
+from vae_model.storage import describe_storage_error, get_fs, join, parse_storage_options
+
+log = logging.getLogger(__name__)
+
+
+def _check_writable(url: str, storage_options: dict | None) -> None:
+    probe = join(url, f"_vaepipe_write_probe-{uuid.uuid4().hex}")
+    fs, path = get_fs(probe, storage_options)
+    try:
+        if fs.protocol in ("file", "local") or "file" in fs.protocol:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        fs.pipe_file(path, b"")
+        fs.rm(path)
+    except Exception as exc:
+        raise StorageError(f"output not writable: {describe_storage_error(url, exc)}") from None
+
+
+def _threads_per_worker(options: PipelineOptions) -> int:
+    """Avoid oversubscription: split the cores among DirectRunner worker processes."""
+    direct = options.view_as(DirectOptions)
+    if (direct.direct_running_mode or "") == "multi_processing":
+        workers = direct.direct_num_workers or 1
+        if workers <= 0:
+            workers = os.cpu_count() or 1
+        return max(1, (os.cpu_count() or 1) // workers)
+    return 0
+
+
+def run_embed(data_url: str, opts: EmbedOptions, beam_args: list[str] | None = None,
+              test_pipeline: beam.Pipeline | None = None) -> dict:
+    """Embed every shard at ``data_url``; returns the manifest that was written."""
+    so = opts.storage_options
+    ckpt = load_checkpoint(opts.checkpoint, so)  # fail fast: unreadable/tampered checkpoint
+    specs = expand_shards(data_url, so)  # fail fast: no shards, missing bucket, bad credentials
+    _check_writable(opts.out_url, so)
+    options = PipelineOptions(beam_args or [])
+    if not opts.torch_threads:
+        opts.torch_threads = _threads_per_worker(options)
+    clear_success(opts.partition_url, so)
+    runner = options.view_as(StandardOptions).runner or "DirectRunner"
+    context = {
+        "data_url": data_url, "checkpoint": opts.checkpoint, "model_id": ckpt.model_id,
+        "out_url": opts.out_url, "partition_url": opts.partition_url, "errors_url": opts.errors_url,
+        "run_date": opts.run_date, "runner": str(runner), "options": options_dict(opts),
+        "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "inputs": [s.name for s in specs],
+    }
+    log.info("embedding %d shards from %s with model %s on %s", len(specs), data_url, ckpt.model_id, runner)
+    p = test_pipeline or beam.Pipeline(options=options)
+    _ = (p
+         | "ReadImageShards" >> ReadImageShards(specs=specs)
+         | "EmbedShards" >> EmbedShards(opts)
+         | "WriteManifest" >> WriteManifest(context, so))
+    result = p.run()
+    result.wait_until_finish()
+    return read_manifest(opts.partition_url, so)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.run", description=__doc__.split("\n\n")[0])
+    ap.add_argument("data_url")
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--out", dest="out_url", required=True)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--score", default="elbo", choices=["elbo", "iwae", "complexity"])
+    ap.add_argument("--iwae-k", type=int, default=64)
+    ap.add_argument("--threshold-quantile", type=float, default=0.99)
+    ap.add_argument("--run-date", default=None)
+    ap.add_argument("--skip-existing", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--torch-threads", type=int, default=0)
+    ap.add_argument("--storage-options", default=None)
+    return ap
+
+
+def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict:
+    """Parse ``argv`` (our flags + any Beam flags) and run the pipeline."""
+    known, beam_args = build_parser().parse_known_args(argv)
+    so = parse_storage_options(known.storage_options) or None
+    opts = EmbedOptions(checkpoint=known.checkpoint, out_url=known.out_url, batch_size=known.batch_size,
+                        device=known.device, score=known.score, iwae_k=known.iwae_k,
+                        threshold_quantile=known.threshold_quantile, run_date=known.run_date,
+                        skip_existing=known.skip_existing, precision=known.precision,
+                        torch_threads=known.torch_threads, storage_options=so)
+    return run_embed(known.data_url, opts, beam_args, test_pipeline)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    run()

@@ -1,0 +1,166 @@
+"""decode_image: every common mode and format becomes uint8 (C, size, size); bad bytes raise ImageDecodeError."""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.decode import SUPPORTED_EXTS, decode_image
+from vae_model.errors import ConfigError, ImageDecodeError
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def test_supported_exts():
+    assert SUPPORTED_EXTS == ("png", "jpg", "jpeg", "webp", "bmp")
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "I;16", "I", "F"])
+def test_every_mode_gives_uint8_chw(mode, channels):
+    fmt = "TIFF" if mode in ("CMYK", "I", "F", "PA") else "PNG"
+    if mode == "PA":  # Pillow cannot save PA; a palette PNG with a transparent index opens as P + transparency
+        img, kwargs = Image.new("P", (12, 12), 0), {"transparency": 0}
+        fmt = "PNG"
+    else:
+        img, kwargs = Image.new(mode, (12, 12)), {}
+    out = decode_image(encode(img, fmt, **kwargs), channels, 12)
+    assert out.shape == (channels, 12, 12)
+    assert out.dtype == np.uint8
+    assert out.flags.c_contiguous
+
+
+def test_grayscale_values_survive_exactly():
+    arr = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    out = decode_image(encode(Image.fromarray(arr)), 1, 16)
+    assert np.array_equal(out[0], arr)
+
+
+def test_rgb_keeps_channel_order_and_gray_is_replicated():
+    out = decode_image(encode(Image.new("RGB", (4, 4), (200, 100, 50))), 3, 4)
+    assert out[:, 0, 0].tolist() == [200, 100, 50]
+    gray = decode_image(encode(Image.new("L", (4, 4), 77)), 3, 4)
+    assert (gray == 77).all()
+
+
+def test_transparency_is_composited_over_white():
+    clear = encode(Image.new("RGBA", (4, 4), (10, 20, 30, 0)))
+    assert (decode_image(clear, 1, 4) == 255).all()
+    assert (decode_image(clear, 3, 4) == 255).all()
+    opaque = encode(Image.new("RGBA", (4, 4), (10, 20, 30, 255)))
+    assert decode_image(opaque, 3, 4)[:, 0, 0].tolist() == [10, 20, 30]
+    half = encode(Image.new("LA", (4, 4), (0, 128)))  # black at 50% over white
+    assert decode_image(half, 1, 4)[0, 0, 0] == 127
+
+
+def test_palette_with_transparent_index_is_white_and_others_keep_colour():
+    img = Image.new("P", (4, 4), 1)
+    img.putpalette([0, 0, 0, 255, 0, 0] + [0] * (256 * 3 - 6))
+    img.putpixel((0, 0), 0)
+    out = decode_image(encode(img, transparency=0), 3, 4)
+    assert out[:, 0, 0].tolist() == [255, 255, 255]  # transparent index
+    assert out[:, 1, 1].tolist() == [255, 0, 0]
+
+
+def test_16_bit_is_scaled_not_clipped():
+    arr = np.array([[0, 255, 256, 65535]], dtype=np.uint16).repeat(4, axis=0)
+    out = decode_image(encode(Image.fromarray(arr)), 1, 4)  # 16-bit grayscale PNG, opens as I;16
+    assert out[0, 0].tolist() == [0, 0, 1, 255]
+
+
+def test_16_bit_big_endian_mode():
+    img = Image.fromarray(np.full((4, 4), 0x8000, dtype=np.uint16)).convert("I").convert("I;16B")
+    assert img.mode == "I;16B"
+    out = decode_image(encode(img, "TIFF"), 1, 4)
+    assert (out == 128).all()
+
+
+def test_float_in_unit_range_is_scaled():
+    out = decode_image(encode(Image.fromarray(np.full((4, 4), 0.5, np.float32)), "TIFF"), 1, 4)
+    assert (out == 128).all()
+
+
+def test_bilevel_is_0_or_255():
+    img = Image.new("1", (4, 4), 0)
+    img.putpixel((0, 0), 1)
+    out = decode_image(encode(img), 1, 4)
+    assert out[0, 0, 0] == 255 and out[0, 1, 1] == 0
+
+
+def test_cmyk_white():
+    out = decode_image(encode(Image.new("CMYK", (8, 8), (0, 0, 0, 0)), "JPEG", quality=95), 3, 8)
+    assert (out >= 250).all()
+
+
+@pytest.mark.parametrize("fmt,kwargs", [("JPEG", {"quality": 95}), ("WEBP", {"lossless": True}), ("BMP", {})])
+def test_other_formats(fmt, kwargs):
+    out = decode_image(encode(Image.new("RGB", (16, 16), (0, 128, 255)), fmt, **kwargs), 3, 16)
+    assert out.shape == (3, 16, 16)
+    assert np.abs(out[:, 8, 8].astype(int) - [0, 128, 255]).max() <= 3
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_exif_orientation_is_applied(fmt):
+    img = Image.new("L", (20, 10), 0)  # 20 wide, 10 tall; the left half is white
+    img.paste(255, (0, 0, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view": the left half becomes the top half
+    out = decode_image(encode(img, fmt, exif=exif.tobytes()), 1, 10)[0]
+    # viewed 10 x 20 (W x H), centre-cropped to rows 5..15: top 5 rows white, bottom 5 black
+    assert out[:4].min() > 200 and out[6:].max() < 50
+
+
+def test_non_square_is_resized_on_short_side_and_center_cropped():
+    arr = np.zeros((20, 60), dtype=np.uint8)  # H=20, W=60: only the middle third survives the crop
+    arr[:, 20:40] = 255
+    out = decode_image(encode(Image.fromarray(arr)), 1, 10)
+    assert out.shape == (1, 10, 10)
+    assert (out == 255).all()
+    up = decode_image(encode(Image.fromarray(arr)), 1, 40)  # upscaling path (BICUBIC)
+    assert up.shape == (1, 40, 40)
+    assert up[0, 20, 20] == 255
+
+
+def test_exact_size_is_untouched():
+    arr = np.random.default_rng(0).integers(0, 256, (3, 9, 9), dtype=np.uint8)
+    out = decode_image(encode(Image.fromarray(arr.transpose(1, 2, 0))), 3, 9)
+    assert np.array_equal(out, arr)
+
+
+@pytest.mark.parametrize("data", [b"", b"hello, not an image", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40])
+def test_garbage_raises(data):
+    with pytest.raises(ImageDecodeError, match="cannot decode image"):
+        decode_image(data, 1, 8)
+
+
+def test_truncated_png_raises_with_pillow_reason():
+    noise = np.random.default_rng(1).integers(0, 256, (64, 64), dtype=np.uint8)
+    png = encode(Image.fromarray(noise))
+    with pytest.raises(ImageDecodeError, match="truncated") as info:
+        decode_image(png[: len(png) // 2], 1, 8)
+    assert "\n" not in str(info.value)
+
+
+def test_decompression_bomb_raises():
+    png = bytearray(encode(Image.new("L", (1, 1))))
+    # Rewrite IHDR to claim 30000 x 30000 pixels (over twice Image.MAX_IMAGE_PIXELS), fixing its CRC.
+    png[16:24] = struct.pack(">II", 30000, 30000)
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    with pytest.raises(ImageDecodeError, match="DecompressionBomb"):
+        decode_image(bytes(png), 1, 8)
+
+
+def test_bad_arguments():
+    png = encode(Image.new("L", (4, 4)))
+    with pytest.raises(ConfigError):
+        decode_image(png, 2, 4)
+    with pytest.raises(ConfigError):
+        decode_image(png, 1, 0)

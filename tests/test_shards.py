@@ -1,0 +1,370 @@
+"""Shard reading and writing on real files: local folders and memory://, tar, Parquet and image folders."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.decode import decode_image
+from pipeline.idx import read_idx
+from pipeline.shards import Member, ShardSpec, expand_shards, iter_members, write_shards
+from vae_model.errors import NoShardsError, ShardError
+
+DEMO = Path(__file__).resolve().parent.parent / "data" / "demo"
+FASHION = DEMO / "fashion-mnist-2k-images-idx3-ubyte.gz"
+MNIST = DEMO / "mnist-200-images-idx3-ubyte.gz"
+
+
+def clear_memory_fs() -> fsspec.AbstractFileSystem:
+    fs = fsspec.filesystem("memory")
+    fs.store.clear()
+    fs.pseudo_dirs.clear()
+    fs.pseudo_dirs.append("")
+    return fs
+
+
+@pytest.fixture
+def memfs():
+    yield clear_memory_fs()
+    clear_memory_fs()
+
+
+@pytest.fixture(params=["local", "memory"])
+def base(request, tmp_path):
+    """An empty folder URL on the local disk or in fsspec's memory filesystem."""
+    if request.param == "local":
+        yield str(tmp_path / "data")
+        return
+    clear_memory_fs()
+    yield "memory://vaepipe-test"
+    clear_memory_fs()
+
+
+def norm(url: str) -> str:
+    """fsspec spells memory URLs with three slashes (memory:///x) once listed."""
+    return url.replace("memory:///", "memory://")
+
+
+def put(url: str, data: bytes) -> None:
+    with fsspec.open(url, "wb", auto_mkdir=True) as f:
+        f.write(data)
+
+
+def get(url: str) -> bytes:
+    with fsspec.open(url, "rb") as f:
+        return f.read()
+
+
+def png(value: int, size: int = 6, mode: str = "L") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (size, size), value if mode == "L" else (value, 0, 0)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def tar_bytes(files: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def members(url: str, **kwargs) -> list[Member]:
+    return [m for spec in expand_shards(url, **kwargs) for m in iter_members(spec)]
+
+
+# ----------------------------------------------------------------------------- round trips
+
+
+def test_tar_round_trip_with_sidecars(base):
+    files = [("a.png", png(10)), ("a.cls", b"3"), ("a.json", b'{"src": "x"}'),
+             ("sub/b.cls", b" 7\n"), ("sub/b.jpg", png(20)),  # order inside a group does not matter
+             ("c.webp", png(30)), ("c.txt", b"a caption")]
+    put(f"{base}/shard-0.tar", tar_bytes(files))
+    got = members(f"{base}/shard-0.tar")
+    assert [(m.key, m.index, m.ext, m.label, m.meta, m.error) for m in got] == [
+        ("a", 0, "png", 3, {"src": "x"}, None),
+        ("sub/b", 1, "jpg", 7, None, None),
+        ("c", 2, "webp", None, None, None),
+    ]
+    assert [m.data for m in got] == [png(10), png(20), png(30)]
+
+
+def test_parquet_round_trip(base):
+    table = pa.table({
+        "key": ["k0", "k1", None],
+        "image": pa.array([png(1), png(2), png(3)], pa.binary()),
+        "label": pa.array([4, None, 6], pa.int64()),
+        "json": ['{"a": 1}', None, '{"b": [2]}'],
+        "other": [1.0, 2.0, 3.0],
+    })
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=2)
+    put(f"{base}/part.parquet", buf.getvalue())
+    got = members(base)
+    assert [(m.key, m.index, m.ext, m.label, m.meta, m.error) for m in got] == [
+        ("k0", 0, "png", 4, {"a": 1}, None),
+        ("k1", 1, "png", None, None, None),
+        ("00000002", 2, "png", 6, {"b": [2]}, None),  # null key falls back to the row number
+    ]
+    assert [m.data for m in got] == [png(1), png(2), png(3)]
+
+
+def test_parquet_huggingface_image_struct(base):
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({
+        "img": pa.array([{"bytes": png(5), "path": "x/a.PNG"}, {"bytes": None, "path": "b.png"}], image_type),
+        "class": [1, 2],
+    })
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    put(f"{base}/hf.parquet", buf.getvalue())
+    first, second = members(f"{base}/hf.parquet")
+    assert (first.key, first.data, first.ext, first.label) == ("00000000", png(5), "png", 1)
+    assert (second.error_type, second.data) == ("NullImage", None)
+
+
+def test_image_folder_round_trip(base):
+    for name, value in [("a.png", 1), ("b.jpg", 2), ("sub/c.bmp", 3), ("sub/deep/d.webp", 4), ("e.jpeg", 5)]:
+        put(f"{base}/imgs/{name}", png(value))
+    put(f"{base}/imgs/notes.txt", b"ignored")
+    put(f"{base}/imgs/.hidden.png", b"ignored")
+    specs = expand_shards(f"{base}/imgs", images_per_group=2)
+    assert [s.format for s in specs] == ["images"] * 3
+    assert [s.name.rsplit("/", 1)[-1] for s in specs] == ["images-00000", "images-00001", "images-00002"]
+    assert all(s.name.startswith(("memory://", "/")) for s in specs)
+    got = [m for s in specs for m in iter_members(s)]
+    assert [(m.key, m.ext, m.data) for m in got] == [
+        ("a", "png", png(1)), ("b", "jpg", png(2)), ("e", "jpeg", png(5)),
+        ("sub/c", "bmp", png(3)), ("sub/deep/d", "webp", png(4))]
+    assert [m.index for m in got] == [0, 1, 0, 1, 0]
+
+
+def test_image_folder_missing_file_is_an_error_member(base):
+    put(f"{base}/imgs/a.png", png(1))
+    spec = expand_shards(f"{base}/imgs")[0]
+    spec = ShardSpec(spec.name, "images", spec.urls + (spec.urls[0].replace("a.png", "gone.png"),))
+    ok, missing = iter_members(spec)
+    assert ok.error is None
+    assert (missing.key, missing.data, missing.error_type) == ("gone", None, "UnreadableFile")
+    assert "not found" in missing.error
+
+
+@pytest.mark.parametrize("fmt", ["tar", "parquet"])
+def test_images_to_shards_copies_bytes_unchanged(base, fmt):
+    sources = {"x.png": png(9), "dotted.name.jpg": png(8), "dir/y.bmp": png(7), "dir/y.png": png(6)}
+    for name, data in sources.items():
+        put(f"{base}/src/{name}", data)
+    urls = write_shards(f"{base}/src", f"{base}/out", fmt=fmt, shard_size=3)
+    assert [u.rsplit("/", 1)[-1] for u in urls] == [f"shard-000000.{fmt}", f"shard-000001.{fmt}"]
+    got = members(f"{base}/out")
+    assert [(m.key, m.data, m.label) for m in got] == [
+        ("dir/y", sources["dir/y.bmp"], None), ("dir/y_png", sources["dir/y.png"], None),
+        ("dotted_name", sources["dotted.name.jpg"], None), ("x", sources["x.png"], None)]
+    # tar keeps the file extension; Parquet has no ext column, so the reader sniffs the bytes (all PNG here)
+    assert [m.ext for m in got] == (["bmp", "png", "jpg", "png"] if fmt == "tar" else ["png"] * 4)
+
+
+# ----------------------------------------------------------------------------- IDX conversion
+
+
+@pytest.mark.parametrize("fmt", ["tar", "parquet"])
+@pytest.mark.parametrize("source", [FASHION, MNIST])
+def test_idx_conversion_is_lossless(tmp_path, fmt, source):
+    done: list[int] = []
+    urls = write_shards(str(source), str(tmp_path / "out"), fmt=fmt, shard_size=128, limit=300, progress=done.append)
+    n = min(300, len(read_idx(str(source))))
+    assert len(urls) == -(-n // 128) and sum(done) == n
+    images = read_idx(str(source))[:n]
+    labels = read_idx(str(source).replace("images-idx3", "labels-idx1"))[:n]
+    got = members(str(tmp_path / "out"))
+    assert [m.key for m in got] == [f"{i:08d}" for i in range(n)]
+    assert all(m.error is None and m.ext == "png" for m in got)
+    decoded = np.stack([decode_image(m.data, 1, 28)[0] for m in got])
+    assert np.array_equal(decoded, images)
+    assert [m.label for m in got] == labels.tolist()
+    assert all(Image.open(io.BytesIO(m.data)).mode == "L" for m in got[:5])
+
+
+def test_idx_to_memory_parquet_layout(memfs):
+    urls = write_shards(str(MNIST), "memory://out", fmt="parquet", shard_size=150)
+    assert urls == ["memory://out/shard-000000.parquet", "memory://out/shard-000001.parquet"]
+    pf = pq.ParquetFile(io.BytesIO(get(urls[0])))
+    assert pf.schema_arrow.names == ["key", "image", "label"]
+    assert str(pf.schema_arrow.field("label").type) == "int64"
+    assert pf.metadata.row_group(0).column(1).compression == "ZSTD"
+    assert pf.metadata.num_rows == 150
+
+
+def test_idx_without_labels_and_rgb(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
+    header = bytes([0, 0, 8, 4]) + b"".join(d.to_bytes(4, "big") for d in rgb.shape)
+    (tmp_path / "rgb-images-idx3-ubyte").write_bytes(header + rgb.tobytes())
+    write_shards(str(tmp_path / "rgb-images-idx3-ubyte"), str(tmp_path / "out"))
+    got = members(str(tmp_path / "out"))
+    assert [m.label for m in got] == [None] * 5
+    assert np.array_equal(np.stack([decode_image(m.data, 3, 4) for m in got]), rgb.transpose(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("fmt", ["tar", "parquet"])
+def test_writing_is_deterministic(tmp_path, fmt):
+    a = write_shards(str(MNIST), str(tmp_path / "a"), fmt=fmt, limit=50)
+    b = write_shards(str(MNIST), str(tmp_path / "b"), fmt=fmt, limit=50)
+    assert [Path(u).read_bytes() for u in a] == [Path(u).read_bytes() for u in b]
+    again = write_shards(str(MNIST), str(tmp_path / "a"), fmt=fmt, limit=50)  # rerun into the same folder
+    assert again == a
+    if fmt == "tar":
+        with tarfile.open(a[0]) as tf:
+            info = tf.getmembers()[0]
+        assert (info.name, info.mtime, info.mode, info.uid, info.uname) == ("00000000.png", 0, 0o644, 0, "")
+        assert [i.name for i in tarfile.open(a[0]).getmembers()[:2]] == ["00000000.png", "00000000.cls"]
+
+
+def test_write_errors(tmp_path):
+    with pytest.raises(ShardError, match="--format must be tar or parquet"):
+        write_shards(str(MNIST), str(tmp_path / "o"), fmt="zip")
+    with pytest.raises(ShardError, match="labels"):
+        write_shards(str(DEMO / "mnist-200-labels-idx1-ubyte.gz"), str(tmp_path / "o"))
+    with pytest.raises(NoShardsError, match="no image files matched"):
+        write_shards(str(tmp_path / "empty"), str(tmp_path / "o"))
+    write_shards(str(MNIST), str(tmp_path / "o"), shard_size=100)
+    with pytest.raises(ShardError, match="already holds 1 shard"):  # a smaller rerun would leave shard-000001
+        write_shards(str(MNIST), str(tmp_path / "o"), shard_size=100, limit=100)
+    with pytest.raises(ShardError, match="--shard-size"):
+        write_shards(str(MNIST), str(tmp_path / "o"), shard_size=0)
+
+
+# ----------------------------------------------------------------------------- damaged shards
+
+
+def test_truncated_tar_yields_good_members_then_truncated(tmp_path):
+    good = tar_bytes([(f"{i:03d}.png", png(i, size=16)) for i in range(5)])
+    for cut in (len(good) // 2, 512 * 3 + 100, 512 * 4 + 30):  # mid data, mid header, just after a header
+        path = tmp_path / f"cut{cut}.tar"
+        path.write_bytes(good[:cut])
+        got = list(iter_members(ShardSpec(str(path), "tar", (str(path),))))
+        *ok, last = got
+        assert all(m.error is None for m in ok) and len(ok) >= 1
+        assert [m.data for m in ok] == [png(i, size=16) for i in range(len(ok))]
+        assert (last.key, last.data, last.error_type, last.index) == ("__truncated__", None, "TruncatedShard", len(ok))
+        assert last.error.startswith(f"truncated or corrupt tar after {len(ok)} members: ")
+
+
+def test_truncated_gzipped_tar(tmp_path):
+    import gzip
+    good = gzip.compress(tar_bytes([(f"{i:03d}.png", png(i, size=32)) for i in range(20)]), mtime=0)
+    path = tmp_path / "s.tar.gz"
+    path.write_bytes(good[: len(good) * 2 // 3])
+    got = members(str(path))
+    assert got[-1].error_type == "TruncatedShard" and len(got) > 1
+
+
+def test_non_image_members_become_errors(tmp_path):
+    path = tmp_path / "s.tar"
+    path.write_bytes(tar_bytes([
+        ("a.png", png(1)), ("b.bin", b"\x00\x01"), ("c.txt", b"hi"), ("d.cls", b"1"), ("d.json", b"{}"),
+        ("e.png", png(2)), ("e.cls", b"cat"), ("f.png", png(3)), ("f.json", b"[1]"), ("README", b"x"),
+        ("a.png", png(4)),  # the key "a" again, not consecutive
+        ("._a.png", b"macOS resource fork"),
+    ]))
+    got = members(str(path))
+    assert [(m.key, m.error_type) for m in got] == [
+        ("a", None), ("b", "NotAnImage"), ("c", "NoImageMember"), ("d", "NoImageMember"), ("e", "BadLabel"),
+        ("f", "BadMeta"), ("README", "NotAnImage"), ("a#7", "DuplicateKey")]
+    assert got[2].error == "no image member (found: .txt)"
+    assert got[3].error == "no image member (found: .cls, .json)"
+    assert "b.bin" in got[1].error or ".bin" in got[1].error
+    assert all(m.data is None for m in got[1:])
+    assert [m.index for m in got] == list(range(8))
+
+
+def test_empty_tar_yields_nothing(tmp_path):
+    path = tmp_path / "empty.tar"
+    path.write_bytes(tar_bytes([]))
+    assert members(str(path)) == []
+
+
+@pytest.mark.parametrize("name,data", [("zero.tar", b""), ("junk.tar", b"this is not a tar file" * 50),
+                                       ("junk.parquet", b"PAR1 not really"), ("empty.parquet", b"")])
+def test_unreadable_shard_is_one_error_member(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    [m] = members(str(path))
+    assert (m.key, m.data, m.error_type) == ("__shard__", None, "UnreadableShard")
+    assert str(path) in m.error
+
+
+def test_missing_shard_file_is_unreadable(tmp_path):
+    spec = ShardSpec(str(tmp_path / "gone.tar"), "tar", (str(tmp_path / "gone.tar"),))
+    [m] = iter_members(spec)
+    assert m.error_type == "UnreadableShard" and "not found" in m.error
+
+
+def test_truncated_parquet(tmp_path):
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"image": pa.array([png(i) for i in range(10)], pa.binary())}), buf, row_group_size=2)
+    path = tmp_path / "t.parquet"
+    path.write_bytes(buf.getvalue()[:-100])  # footer gone
+    [m] = members(str(path))
+    assert m.error_type == "UnreadableShard"
+
+
+def test_parquet_without_image_column(tmp_path):
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"pixels": [1, 2], "image": ["not", "binary"]}), buf)
+    (tmp_path / "p.parquet").write_bytes(buf.getvalue())
+    [m] = members(str(tmp_path / "p.parquet"))
+    assert m.error_type == "NoImageColumn" and "pixels, image" in m.error
+
+
+# ----------------------------------------------------------------------------- expand_shards
+
+
+def test_expand_glob_folder_mixed_and_nothing(base):
+    for name in ["b/2.tar", "a/1.tar", "a/3.parquet", "img/x.png", "img/y.jpg", "c/readme.md", "a/.tmp.tar"]:
+        put(f"{base}/{name}", b"x")
+    names = lambda specs: [(s.format, norm(s.name)[len(base) + 1:]) for s in specs]  # noqa: E731
+    assert names(expand_shards(f"{base}/*/*.tar")) == [("tar", "a/1.tar"), ("tar", "b/2.tar")]
+    assert names(expand_shards(f"{base}/**/*.parquet")) == [("parquet", "a/3.parquet")]
+    assert names(expand_shards(base)) == [("tar", "a/1.tar"), ("parquet", "a/3.parquet"), ("tar", "b/2.tar"),
+                                          ("images", "images-00000")]
+    [group] = expand_shards(f"{base}/img/")
+    assert norm(group.name) == f"{base}/img/images-00000"
+    assert tuple(map(norm, group.urls)) == (f"{base}/img/x.png", f"{base}/img/y.jpg")
+    assert names(expand_shards(f"{base}/a/1.tar")) == [("tar", "a/1.tar")]
+    assert tuple(map(norm, expand_shards(f"{base}/img/x.png")[0].urls)) == (f"{base}/img/x.png",)
+    with pytest.raises(NoShardsError, match=r"no shards matched URL: .* \(expected .tar, .parquet or image files\)"):
+        expand_shards(f"{base}/c")
+    with pytest.raises(NoShardsError, match="no shards matched"):
+        expand_shards(f"{base}/nope/*.tar")
+    with pytest.raises(NoShardsError, match="no shards matched"):
+        expand_shards(f"{base}/does-not-exist")
+
+
+def test_expand_file_url(tmp_path):
+    put(str(tmp_path / "s.tar"), tar_bytes([("a.png", png(1))]))
+    [spec] = expand_shards(f"file://{tmp_path}")
+    assert spec.name == str(tmp_path / "s.tar")
+    assert [m.key for m in iter_members(spec)] == ["a"]
+
+
+def test_unknown_format_spec():
+    with pytest.raises(ShardError, match="unknown shard format"):
+        iter_members(ShardSpec("x", "zip", ("x",)))
+
+
+def test_member_data_matches_json_roundtrip(tmp_path):
+    meta = {"caption": "ünïcode", "n": [1, 2]}
+    put(str(tmp_path / "m.tar"), tar_bytes([("k.png", png(1)), ("k.json", json.dumps(meta).encode())]))
+    [m] = members(str(tmp_path / "m.tar"))
+    assert m.meta == meta
