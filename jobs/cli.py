@@ -103,15 +103,10 @@ def shards(source: str, out_url: str, fmt: str, shard_size: int, limit: int | No
     if shard_size < 1:
         raise click.BadParameter("must be >= 1", param_hint="--shard-size")
     with tqdm(unit="img", desc="shards", file=sys.stderr) as bar:
-        last = [0]
-
-        def progress(done: int) -> None:
-            bar.update(done - last[0])
-            last[0] = done
-
         urls = write_shards(source, out_url, fmt=fmt, shard_size=shard_size, limit=limit,
-                            storage_options=_so(storage_options), progress=progress)
-    click.echo(json.dumps({"shards": len(urls), "images": last[0], "out": out_url}))
+                            storage_options=_so(storage_options), progress=bar.update)
+        images = bar.n
+    click.echo(json.dumps({"shards": len(urls), "images": images, "out": out_url}))
 
 
 @cli.command()

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from vae_model.errors import NoShardsError, ShardError, StorageError
-from vae_model.storage import (StorageOptions, atomic_write_bytes, describe_storage_error, get_fs, join,
+from vae_model.storage import (StorageOptions, atomic_write_bytes, describe_storage_error, get_fs, is_local, join,
                                unstrip)
 
 from .decode import SUPPORTED_EXTS
@@ -120,10 +120,15 @@ def _list_files(url: str, storage_options: StorageOptions) -> tuple[fsspec.Abstr
             root, found = path.rsplit("/", 1)[0] if "/" in path else "", {path: {"type": "file"}}
         else:
             root, found = path, {}
+        bucket = path.split("/", 1)[0]
+        # Object stores list a missing bucket as empty; say so rather than "no shards".
+        bucket_missing = not found and not is_local(fs) and "memory" not in fs.protocol and not fs.exists(bucket)
     except StorageError:
         raise
     except Exception as exc:  # storage backends raise many types; report one line
         raise StorageError(describe_storage_error(url, exc)) from None
+    if bucket_missing:
+        raise StorageError(f"{url}: the bucket does not exist")
     files = sorted(p for p, info in found.items()
                    if info.get("type") == "file" and not any(part.startswith(".") for part in _rel(p, root).split("/")))
     return fs, root, files
@@ -372,7 +377,8 @@ class _ParquetColumns:
 
 
 def _is_binary(t: pa.DataType) -> bool:
-    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t)
+    is_view = getattr(pa.types, "is_binary_view", None)  # pyarrow >= 16
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or bool(is_view and is_view(t))
 
 
 def _parquet_columns(schema: pa.Schema) -> _ParquetColumns:

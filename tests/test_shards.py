@@ -16,7 +16,7 @@ from PIL import Image
 from pipeline.decode import decode_image
 from pipeline.idx import read_idx
 from pipeline.shards import Member, ShardSpec, expand_shards, iter_members, write_shards
-from vae_model.errors import NoShardsError, ShardError
+from vae_model.errors import NoShardsError, ShardError, StorageError
 
 DEMO = Path(__file__).resolve().parent.parent / "data" / "demo"
 FASHION = DEMO / "fashion-mnist-2k-images-idx3-ubyte.gz"
@@ -247,17 +247,27 @@ def test_write_errors(tmp_path):
 # ----------------------------------------------------------------------------- damaged shards
 
 
-def test_truncated_tar_yields_good_members_then_truncated(tmp_path):
+@pytest.mark.parametrize("cut,n_ok", [
+    (1024 * 2 + 512 + 30, 2),  # inside member 2's data
+    (1024 * 3 + 100, 2),  # inside member 3's header: member 2 may have had more files, so it is skipped too
+    (1024 * 4, 3),  # exactly between members
+    (1024 * 5, 4),  # every member, but no end-of-archive block
+])
+def test_truncated_tar_yields_good_members_then_truncated(tmp_path, cut, n_ok):
+    good = tar_bytes([(f"{i:03d}.png", png(i, size=16)) for i in range(5)])  # each member: 512 header + 512 data
+    path = tmp_path / "cut.tar"
+    path.write_bytes(good[:cut])
+    *ok, last = iter_members(ShardSpec(str(path), "tar", (str(path),)))
+    assert [(m.key, m.data, m.error) for m in ok] == [(f"{i:03d}", png(i, size=16), None) for i in range(n_ok)]
+    assert (last.key, last.data, last.error_type, last.index) == ("__truncated__", None, "TruncatedShard", n_ok)
+    assert last.error.startswith(f"truncated or corrupt tar after {n_ok} members: ")
+
+
+def test_intact_tar_without_record_padding_is_complete(tmp_path):
     good = tar_bytes([(f"{i:03d}.png", png(i, size=16)) for i in range(5)])
-    for cut in (len(good) // 2, 512 * 3 + 100, 512 * 4 + 30):  # mid data, mid header, just after a header
-        path = tmp_path / f"cut{cut}.tar"
-        path.write_bytes(good[:cut])
-        got = list(iter_members(ShardSpec(str(path), "tar", (str(path),))))
-        *ok, last = got
-        assert all(m.error is None for m in ok) and len(ok) >= 1
-        assert [m.data for m in ok] == [png(i, size=16) for i in range(len(ok))]
-        assert (last.key, last.data, last.error_type, last.index) == ("__truncated__", None, "TruncatedShard", len(ok))
-        assert last.error.startswith(f"truncated or corrupt tar after {len(ok)} members: ")
+    path = tmp_path / "short.tar"
+    path.write_bytes(good[:1024 * 5 + 512])  # one end-of-archive block is enough
+    assert [m.error for m in members(str(path))] == [None] * 5
 
 
 def test_truncated_gzipped_tar(tmp_path):
@@ -368,3 +378,39 @@ def test_member_data_matches_json_roundtrip(tmp_path):
     put(str(tmp_path / "m.tar"), tar_bytes([("k.png", png(1)), ("k.json", json.dumps(meta).encode())]))
     [m] = members(str(tmp_path / "m.tar"))
     assert m.meta == meta
+
+
+
+# ----------------------------------------------------------------------------- S3 (SeaweedFS from conftest)
+
+
+def test_s3_write_expand_and_read(s3_server, s3_bucket):
+    so = s3_server.storage_options
+    s3 = s3_server.filesystem()
+    s3.pipe_file(f"{s3_bucket[5:]}/img/a.png", png(1))
+    s3.pipe_file(f"{s3_bucket[5:]}/img/sub/b.jpg", png(2))
+    tars = write_shards(str(MNIST), f"{s3_bucket}/mnist/tar", shard_size=64, limit=100, storage_options=so)
+    assert tars == [f"{s3_bucket}/mnist/tar/shard-000000.tar", f"{s3_bucket}/mnist/tar/shard-000001.tar"]
+    [pq_url] = write_shards(str(MNIST), f"{s3_bucket}/mnist/pq", fmt="parquet", limit=100, storage_options=so)
+
+    specs = expand_shards(s3_bucket, so)
+    assert [(s.format, s.name) for s in specs] == [
+        ("parquet", pq_url), ("tar", tars[0]), ("tar", tars[1]), ("images", f"{s3_bucket}/images-00000")]
+    assert [s.name for s in expand_shards(f"{s3_bucket}/mnist/*/*.tar", so)] == tars
+    images = read_idx(str(MNIST))[:100]
+    for spec in specs[:3]:
+        got = list(iter_members(spec, so))
+        assert all(m.error is None for m in got)
+        keys = [int(m.key) for m in got]
+        assert np.array_equal(np.stack([decode_image(m.data, 1, 28)[0] for m in got]), images[keys])
+    assert [(m.key, m.data) for m in iter_members(specs[3], so)] == [("img/a", png(1)), ("img/sub/b", png(2))]
+
+
+def test_s3_missing_bucket_and_bad_credentials(s3_server, s3_bucket):
+    so = s3_server.storage_options
+    with pytest.raises(StorageError, match="the bucket does not exist"):
+        expand_shards("s3://vaepipe-no-such-bucket/shards", so)
+    with pytest.raises(NoShardsError):  # an existing bucket with nothing there is just "no shards"
+        expand_shards(f"{s3_bucket}/empty/*.tar", so)
+    with pytest.raises(StorageError, match="denied"):
+        expand_shards(f"{s3_bucket}/x", dict(so, secret="wrong"))
