@@ -93,7 +93,7 @@ class ShardImageDataset(IterableDataset):
                     skipped += 1
                     log.warning("skipping %s/%s: %s", spec.name, m.key, exc)
                     continue
-                yield torch.from_numpy(arr)
+                yield torch.from_numpy(arr if arr.flags.writeable else arr.copy())
         if skipped:
             log.warning("worker %d skipped %d unreadable images this epoch", wid, skipped)
 

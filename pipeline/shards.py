@@ -418,7 +418,7 @@ def _iter_parquet(spec: ShardSpec, storage_options: StorageOptions) -> Iterator[
         if cols.image is None:
             yield _error("__shard__", 0, "NoImageColumn",
                          f"{spec.name}: no image column; expected one of {', '.join(IMAGE_COLUMNS)} of binary type "
-                         f"(or a struct with a 'bytes' field), found {', '.join(pf.schema_arrow.names) or 'no columns'}")
+                         f"(or a struct with a 'bytes' field), found {', '.join(pf.schema_arrow.names) or 'none'}")
             return
         builder = _MemberBuilder()
         row = 0

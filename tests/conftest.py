@@ -403,3 +403,7 @@ def dask_cluster():
         for proc in reversed(procs):  # workers first, scheduler last
             _stop(proc)
         shutil.rmtree(root, ignore_errors=True)
+
+
+# Tiny real data and a tiny trained model, shared by the job and pipeline tests.
+from model_fixtures import fashion_shards, mnist_shards, tiny_checkpoint  # noqa: E402,F401

@@ -1,0 +1,80 @@
+import json
+from pathlib import Path
+
+import torch
+
+from jobs.train import TrainConfig, evaluate_tensor, train
+from model_fixtures import TINY_MODEL
+from vae_model.checkpoint import load_checkpoint
+from vae_model.model import VAE
+from vae_model.config import VAEConfig
+
+
+def _cfg(data, out, **kw):
+    base = dict(data_url=str(data), out=str(out), epochs=2, batch_size=32, lr=3e-3, val_fraction=0.2, kl_warmup_steps=0,
+                quantile_images=100, quantile_iwae_k=2, shuffle_buffer=128, num_workers=0, model=dict(TINY_MODEL))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_training_lowers_validation_loss_on_real_data(fashion_shards, tmp_path):
+    out = tmp_path / "m.safetensors"
+    res = train(_cfg(fashion_shards, out, epochs=3), progress=False)
+    epochs = [json.loads(l) for l in (tmp_path / "m.safetensors.metrics.jsonl").read_text().splitlines()
+              if json.loads(l)["event"] == "epoch"]
+    assert len(epochs) == 3
+    # An untrained model of the same config, scored on the same validation images, is far worse.
+    ckpt = load_checkpoint(str(out))
+    torch.manual_seed(0)
+    untrained = VAE(VAEConfig(**TINY_MODEL))
+    from jobs.data import ShardImageDataset, list_specs, load_tensor
+    val = load_tensor(ShardImageDataset(list_specs(str(fashion_shards)), 1, 28, split="val", val_fraction=0.2))
+    before = evaluate_tensor(untrained, val, 256, seed=0)["neg_elbo"]
+    after = evaluate_tensor(ckpt.model, val, 256, seed=0)["neg_elbo"]
+    assert after < 0.9 * before
+    assert epochs[-1]["val_neg_elbo"] < epochs[0]["val_neg_elbo"]
+    assert res.best_val_neg_elbo == min(e["val_neg_elbo"] for e in epochs)
+
+
+def test_checkpoint_is_self_describing(tiny_checkpoint, fashion_shards):
+    ckpt = load_checkpoint(tiny_checkpoint)
+    meta = ckpt.meta
+    assert meta["data_url"] == str(fashion_shards) and len(meta["data_fingerprint"]) == 32
+    assert meta["epochs"] == 2 and meta["steps"] > 0 and meta["val_neg_elbo"] > 0
+    for score in ("elbo", "iwae", "complexity"):
+        table = ckpt.score_quantiles[score]
+        assert table["0.5"] <= table["0.99"] <= table["max"]
+    base = Path(tiny_checkpoint)
+    for suffix in (".metrics.jsonl", ".resume.pt", ".epoch001.png", ".epoch002.png"):
+        assert (base.parent / (base.name + suffix)).exists()
+
+
+def test_same_seed_same_model(fashion_shards, tmp_path):
+    a = train(_cfg(fashion_shards, tmp_path / "a.safetensors", epochs=1), progress=False)
+    b = train(_cfg(fashion_shards, tmp_path / "b.safetensors", epochs=1), progress=False)
+    assert a.model_id == b.model_id
+
+
+def test_resume_continues_exactly(fashion_shards, tmp_path):
+    straight = train(_cfg(fashion_shards, tmp_path / "s.safetensors", epochs=2), progress=False)
+    # Stop after the very first step (time limit), then resume twice to finish both epochs.
+    out = tmp_path / "r.safetensors"
+    first = train(_cfg(fashion_shards, out, epochs=1), progress=False)
+    assert first.epochs == 1
+    resumed = train(_cfg(fashion_shards, out, epochs=2, resume=True), progress=False)
+    assert resumed.epochs == 2 and resumed.steps == straight.steps
+    a, b = load_checkpoint(str(tmp_path / "s.safetensors")), load_checkpoint(str(out))
+    for (k, v), (k2, v2) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+
+
+def test_resume_mid_epoch_after_time_limit(fashion_shards, tmp_path):
+    straight = train(_cfg(fashion_shards, tmp_path / "s.safetensors", epochs=1), progress=False)
+    out = tmp_path / "t.safetensors"
+    import pytest
+    from vae_model.errors import VaePipeError
+    with pytest.raises(VaePipeError, match="--resume"):
+        train(_cfg(fashion_shards, out, epochs=1, time_limit=0.0), progress=False)  # stops after one step
+    resumed = train(_cfg(fashion_shards, out, epochs=1, resume=True), progress=False)
+    assert resumed.steps == straight.steps
+    assert resumed.model_id == straight.model_id
