@@ -59,7 +59,12 @@ def run_embed(data_url: str, opts: EmbedOptions, beam_args: list[str] | None = N
     ckpt = load_checkpoint(opts.checkpoint, so)  # fail fast: unreadable/tampered checkpoint
     specs = expand_shards(data_url, so)  # fail fast: no shards, missing bucket, bad credentials
     _check_writable(opts.out_url, so)
-    options = PipelineOptions(beam_args or [])
+    beam_args = list(beam_args or [])
+    if any("DaskRunner" in a for a in beam_args) and not any(a.startswith("--dask_npartitions") for a in beam_args):
+        # Beam's DaskRunner puts up to 128 elements in one partition by default, so a run of a few
+        # shards would use one worker; one partition per shard spreads them over the cluster.
+        beam_args.append(f"--dask_npartitions={max(1, len(specs))}")
+    options = PipelineOptions(beam_args)
     if not opts.torch_threads:
         opts.torch_threads = _threads_per_worker(options)
     clear_success(opts.partition_url, so)
