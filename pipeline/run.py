@@ -21,6 +21,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 from pipeline.embed import EmbedOptions, options_dict
 from pipeline.manifest import clear_success, read_manifest
 from pipeline.shards import expand_shards
+from pipeline.writer import remove_stale_temp_files
 from pipeline.transforms import EmbedShards, ReadImageShards, WriteManifest
 from vae_model.checkpoint import load_checkpoint
 from vae_model.errors import StorageError
@@ -68,6 +69,8 @@ def run_embed(data_url: str, opts: EmbedOptions, beam_args: list[str] | None = N
     if not opts.torch_threads:
         opts.torch_threads = _threads_per_worker(options)
     clear_success(opts.partition_url, so)
+    for url in (opts.partition_url, opts.errors_url):
+        remove_stale_temp_files(url, so)
     runner = options.view_as(StandardOptions).runner or "DirectRunner"
     context = {
         "data_url": data_url, "checkpoint": opts.checkpoint, "model_id": ckpt.model_id,

@@ -83,6 +83,18 @@ class AtomicParquetWriter:
             os.unlink(self.tmp)
 
 
+def remove_stale_temp_files(url: str, storage_options: StorageOptions = None) -> int:
+    """Delete temp files a killed earlier run left in a local output folder (object stores
+    never see them: there the temp file is on the worker's local disk). Returns the count."""
+    fs, path = get_fs(url, storage_options)
+    if not is_local(fs) or not os.path.isdir(path):
+        return 0
+    stale = [n for n in os.listdir(path) if n.startswith(".") and ".tmp-" in n]
+    for n in stale:
+        os.unlink(os.path.join(path, n))
+    return len(stale)
+
+
 def read_metadata(url: str, storage_options: StorageOptions = None) -> dict[str, str] | None:
     """The key-value metadata of a Parquet file, or None if it does not exist/is unreadable."""
     fs, path = get_fs(url, storage_options)
