@@ -74,6 +74,13 @@ def cli(verbose: int) -> None:
     """
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_drop_import_noise)
+
+
+def _drop_import_noise(record: logging.LogRecord) -> bool:
+    # apache_beam logs this at import time when the optional GCP client libraries are absent.
+    return not str(record.msg).startswith("apitools not found")
 
 
 @cli.command()

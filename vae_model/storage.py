@@ -69,10 +69,13 @@ def join(url: str, *parts: str) -> str:
 def describe_storage_error(url: str, exc: BaseException) -> str:
     """One-line description of a storage failure, naming the likely cause."""
     text = f"{type(exc).__name__}: {exc}".strip()
-    low = text.lower()
+    # s3fs raises PermissionError("The request signature we calculated ...") from the botocore
+    # ClientError that holds the error code (SignatureDoesNotMatch, InvalidAccessKeyId, AccessDenied).
+    low = f"{text} {exc.__cause__!r}".lower() if exc.__cause__ is not None else text.lower()
     if "nosuchbucket" in low or "bucket does not exist" in low or "specified bucket does not exist" in low:
         cause = "the bucket does not exist"
-    elif any(s in low for s in ("accessdenied", "invalidaccesskeyid", "signaturedoesnotmatch", "forbidden", "403")):
+    elif any(s in low for s in ("accessdenied", "access denied", "invalidaccesskeyid", "signaturedoesnotmatch",
+                                "forbidden", "403")):
         cause = "access denied: check credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or --storage-options)"
     elif isinstance(exc, FileNotFoundError):
         cause = "not found"
