@@ -78,11 +78,10 @@ def pick_precision(requested: str, device: torch.device) -> str:
         return requested
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    try:
-        cap = torch.backends.cpu.get_cpu_capability()
-    except AttributeError:
-        cap = ""
-    return "bf16" if "AMX" in cap.upper() or "AVX512" in cap.upper() else "fp32"
+    cpu = torch.cpu
+    fast_bf16 = any(getattr(cpu, name, lambda: False)() for name in
+                    ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return "bf16" if fast_bf16 else "fp32"
 
 
 def _sidecar(out: str, suffix: str) -> str:
@@ -252,8 +251,7 @@ def train(cfg: TrainConfig, progress: bool = True,
         _write_jsonl(_sidecar(cfg.out, ".metrics.jsonl"), metrics, so)
         _epoch_grid(model, x_val, cfg, state["epoch"], device)
         if progress:
-            from tqdm.auto import tqdm as _t
-            _t.write(f"epoch {state['epoch']}: val -ELBO {val['neg_elbo']:.2f} nats "
+            tqdm.write(f"epoch {state['epoch']}: val -ELBO {val['neg_elbo']:.2f} nats "
                      f"({val['bits_per_dim']:.4f} bits/dim){' *' if improved else ''}")
         if on_epoch:
             on_epoch(rec)
