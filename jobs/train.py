@@ -295,11 +295,10 @@ def store_score_quantiles(cfg: TrainConfig, x_val: torch.Tensor, device: torch.d
     """Score validation images with the best model and store each score's quantiles in it."""
     ckpt = load_checkpoint(cfg.out, cfg.storage_options, map_location=device)
     x = x_val[:cfg.quantile_images]
-    keys = [f"val-{i}" for i in range(len(x))]
     tables, extra = {}, {}
     for score in SCORES:
         opts = ScoreOptions(score=score, iwae_k=cfg.quantile_iwae_k, seed=cfg.seed)
-        vals = np.concatenate([score_batch(ckpt.model, x[i:i + 256], keys[i:i + 256], opts, device)["anomaly_score"]
+        vals = np.concatenate([score_batch(ckpt.model, x[i:i + 256], None, opts, device)["anomaly_score"]
                                for i in range(0, len(x), 256)])
         tables[score] = quantile_table(vals)
     extra["score_quantiles"] = tables

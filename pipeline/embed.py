@@ -254,7 +254,7 @@ class ShardEmbedder:
                 pixels = np.stack([b[4] for b in batch])
                 keys = [b[0] for b in batch]
                 try:
-                    s = score_batch(self.ckpt.model, pixels, keys, self.score_opts, self.device)
+                    s = score_batch(self.ckpt.model, pixels, None, self.score_opts, self.device)
                 except (RuntimeError, ValueError) as exc:  # e.g. out of memory on a huge batch
                     errors.extend(self._error(k, spec, b[1], "score", type(exc).__name__, str(exc))
                                   for k, b in zip(keys, batch))

@@ -10,6 +10,7 @@ pipeline is built: a bad input fails with one line and nothing written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -67,7 +68,7 @@ def run_embed(data_url: str, opts: EmbedOptions, beam_args: list[str] | None = N
         beam_args.append(f"--dask_npartitions={max(1, len(specs))}")
     options = PipelineOptions(beam_args)
     if not opts.torch_threads:
-        opts.torch_threads = _threads_per_worker(options)
+        opts = dataclasses.replace(opts, torch_threads=_threads_per_worker(options))
     clear_success(opts.partition_url, so)
     for url in (opts.partition_url, opts.errors_url):
         remove_stale_temp_files(url, so)
@@ -86,7 +87,12 @@ def run_embed(data_url: str, opts: EmbedOptions, beam_args: list[str] | None = N
          | "EmbedShards" >> EmbedShards(opts)
          | "WriteManifest" >> WriteManifest(context, so))
     result = p.run()
-    result.wait_until_finish()
+    try:
+        result.wait_until_finish()
+    finally:
+        client = getattr(result, "client", None)  # Beam's DaskRunner opens a dask Client and never closes it
+        if client is not None:
+            client.close()
     return read_manifest(opts.partition_url, so)
 
 

@@ -20,6 +20,12 @@ another, it should call ``fs.invalidate_cache()`` on the reader.
 """
 from __future__ import annotations
 
+import os as _os
+
+# Tiny models on a 2-core box: one intra-op thread per process avoids oversubscription when the
+# tests start Beam/Dask worker processes (set before torch is imported; subprocesses inherit it).
+_os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import contextlib
 import dataclasses
 import json

@@ -103,28 +103,33 @@ class VAE(nn.Module):
         mean, logvar = self.encoder(x_in)
         return DiagonalGaussian(mean, logvar, self.cfg.logvar_min, self.cfg.logvar_max)
 
-    def decode(self, z: torch.Tensor):
-        """z (..., D) -> pixel distribution over (prod(...), C, H, W)."""
-        return self._pixels(self.decoder(z.reshape(-1, z.shape[-1])))
+    def decode(self, z: torch.Tensor, precise: bool = False):
+        """z (..., D) -> pixel distribution over (prod(...), C, H, W).
+
+        ``precise`` evaluates the likelihood in float64: its per-pixel terms cancel and sum over
+        thousands of pixels, which in float32 leaves ~1e-5 relative noise that depends on batch
+        size and threads. Scoring uses it; training does not need it."""
+        params = self.decoder(z.reshape(-1, z.shape[-1]))
+        return self._pixels(params.double() if precise else params)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> ElboTerms:
         return self.elbo(x, generator=generator)
 
     def elbo(self, x: torch.Tensor, generator: torch.Generator | None = None,
-             eps: torch.Tensor | None = None, sample: bool = True) -> ElboTerms:
+             eps: torch.Tensor | None = None, sample: bool = True, precise: bool = False) -> ElboTerms:
         """Single-sample ELBO per image. Training passes a generator (dynamic binarisation);
         scoring passes ``eps`` (B, D) so each image's noise does not depend on its batch."""
         x_in, target = self.prepare(x, generator)
         q = self.encode(x_in)
         z = q.sample(generator=generator, eps=eps) if sample else q.mode()
-        recon = self.decode(z).nll(target)
-        kl = q.kl()
+        recon = self.decode(z, precise).nll(target.double() if precise else target)
+        kl = q.kl().double() if precise else q.kl()
         neg = losses.negative_elbo(recon, kl)
         return ElboTerms(recon, kl, neg, losses.bits_per_dim(neg, self.cfg.num_dims), q.mean)
 
     def iwae(self, x: torch.Tensor, k: int, generator: torch.Generator | None = None,
              eps: torch.Tensor | None = None, chunk_size: int | None = None,
-             binarize_generator: torch.Generator | None = None) -> torch.Tensor:
+             binarize_generator: torch.Generator | None = None, precise: bool = False) -> torch.Tensor:
         """IWAE-k estimate of log p(x) per image (B,), nats. Chunked over k to bound memory.
 
         ``eps`` may be a (k, B, D) tensor of standard normal noise (deterministic scoring).
@@ -137,13 +142,16 @@ class VAE(nn.Module):
         if chunk_size is None:
             per_sample = b * self.cfg.num_dims * self._pixels.params_per_channel
             chunk_size = max(1, min(k, IWAE_CHUNK_VALUES // max(per_sample, 1)))
-        acc = torch.full((b,), -math.inf, device=x.device)
+        dtype = torch.float64 if precise else torch.float32
+        target = target.to(dtype)
+        acc = torch.full((b,), -math.inf, device=x.device, dtype=dtype)
         for start in range(0, k, chunk_size):
             n = min(chunk_size, k - start)
             z = q.sample(generator=generator, n=n, eps=None if eps is None else eps[start:start + n])  # (n, B, D)
             target_n = target.unsqueeze(0).expand(n, *target.shape).reshape(n * b, *target.shape[1:])
-            log_px = -self.decode(z).nll(target_n).view(n, b)
-            log_w = losses.importance_log_weights(log_px, standard_normal_log_prob(z), q.log_prob(z))
+            log_px = -self.decode(z, precise).nll(target_n).view(n, b)
+            log_w = losses.importance_log_weights(log_px, standard_normal_log_prob(z).to(dtype),
+                                                  q.log_prob(z).to(dtype))
             acc = torch.logaddexp(acc, torch.logsumexp(log_w, dim=0))
         return acc - math.log(k)
 

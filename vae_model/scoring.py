@@ -6,11 +6,12 @@ Scores (higher = more anomalous):
   ``complexity``  -ELBO in bits minus the image's length in bits under a lossless coder (WebP
                   lossless): the input-complexity correction of Serra et al. 2020, which removes the
                   bias of likelihoods towards simple images (Nalisnick et al. 2019).
-The noise for each image is seeded by its key, so a row does not depend on batch size, worker
-or runner.
+The noise for each image is seeded by a hash of its pixels, so a score depends on the image
+alone: not on batch size, worker, runner or where the shard is stored.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 from contextlib import nullcontext
@@ -63,21 +64,31 @@ def autocast(device: torch.device, precision: str):
     return nullcontext()
 
 
+def pixel_ids(images: np.ndarray) -> list[str]:
+    """Content ids of uint8 images (B, C, H, W): the seeds of their per-image noise."""
+    return [hashlib.blake2b(np.ascontiguousarray(im).tobytes(), digest_size=16).hexdigest() for im in images]
+
+
 @torch.no_grad()
-def score_batch(model: VAE, images: np.ndarray | torch.Tensor, keys: list[str],
+def score_batch(model: VAE, images: np.ndarray | torch.Tensor, keys: list[str] | None,
                 opts: ScoreOptions, device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
     """Score a batch of uint8 images (B, C, H, W).
+
+    ``keys`` seed each image's noise; ``None`` (the pipeline's choice) derives them from the pixels.
+    The likelihood is summed in float64, so scores agree to ~1e-6 relative whatever the batch.
 
     Returns numpy arrays: ``embedding`` (B, D) float32 and (B,) float64 ``elbo`` (the ELBO, nats,
     negative), ``recon_nll``, ``kl``, ``bits_per_dim``, ``anomaly_score`` and, when computed,
     ``iwae_nll`` / ``complexity``.
     """
     device = torch.device(device)
+    if keys is None:
+        keys = pixel_ids(images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images))
     x = torch.as_tensor(images).to(device, non_blocking=True)
     d = model.cfg.latent_dim
     eps = noise_for_keys(keys, (d,), opts.seed).to(device)
     with autocast(device, opts.precision):
-        terms = model.elbo(x, eps=eps)
+        terms = model.elbo(x, eps=eps, precise=True)
     out = {
         "embedding": terms.mean.float().cpu().numpy().astype(np.float32),
         "elbo": (-terms.neg_elbo).double().cpu().numpy(),
@@ -90,7 +101,7 @@ def score_batch(model: VAE, images: np.ndarray | torch.Tensor, keys: list[str],
     elif opts.score == "iwae":
         eps_k = noise_for_keys(keys, (opts.iwae_k, d), opts.seed + 1).to(device)
         with autocast(device, opts.precision):
-            ll = model.iwae(x, opts.iwae_k, eps=eps_k)
+            ll = model.iwae(x, opts.iwae_k, eps=eps_k, precise=True)
         out["iwae_nll"] = (-ll).double().cpu().numpy()
         out["anomaly_score"] = out["iwae_nll"]
     else:
