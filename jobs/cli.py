@@ -247,8 +247,11 @@ def evaluate(data_url: str, checkpoint_url: str, iwae_k: int, batch_size: int, l
 @click.option("--out", "out_url", required=True, help="Output folder/prefix URL for Parquet files.")
 @click.option("--batch-size", default=256, show_default=True, help="Images scored per forward pass.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--score", type=click.Choice(["elbo", "iwae", "complexity"]), default="elbo", show_default=True,
-              help="anomaly_score: -ELBO, -IWAE_k, or -ELBO bits minus lossless-coder bits (input complexity).")
+@click.option("--score", type=click.Choice(["elbo", "iwae", "complexity", "typicality"]), default="elbo",
+              show_default=True,
+              help="anomaly_score: -ELBO (nats); -IWAE_k (nats); complexity = -ELBO bits minus lossless-coder bits "
+                   "(Serra et al. 2020); typicality = -log density of (-ELBO bits, coder bits) among validation "
+                   "images (best for out-of-distribution inputs).")
 @click.option("--iwae-k", default=64, show_default=True, help="Importance samples for --score iwae.")
 @click.option("--threshold-quantile", default=0.99, show_default=True,
               help="is_anomaly = score above this quantile of the checkpoint's validation scores.")

@@ -27,7 +27,7 @@ from vae_model.checkpoint import load_checkpoint, save_checkpoint, update_meta
 from vae_model.config import VAEConfig
 from vae_model.errors import ConfigError, StorageError, VaePipeError
 from vae_model.model import VAE
-from vae_model.scoring import SCORES, ScoreOptions, quantile_table, score_batch
+from vae_model.scoring import ScoreOptions, fit_reference
 from vae_model.storage import StorageOptions, atomic_write_bytes, exists, get_fs, read_bytes
 
 log = logging.getLogger(__name__)
@@ -292,15 +292,10 @@ def _epoch_grid(model: VAE, x_val: torch.Tensor, cfg: TrainConfig, epoch: int, d
 
 
 def store_score_quantiles(cfg: TrainConfig, x_val: torch.Tensor, device: torch.device) -> str:
-    """Score validation images with the best model and store each score's quantiles in it."""
+    """Score validation images with the best model; store each score's quantiles and the
+    typicality reference in the checkpoint."""
     ckpt = load_checkpoint(cfg.out, cfg.storage_options, map_location=device)
-    x = x_val[:cfg.quantile_images]
-    tables, extra = {}, {}
-    for score in SCORES:
-        opts = ScoreOptions(score=score, iwae_k=cfg.quantile_iwae_k, seed=cfg.seed)
-        vals = np.concatenate([score_batch(ckpt.model, x[i:i + 256], None, opts, device)["anomaly_score"]
-                               for i in range(0, len(x), 256)])
-        tables[score] = quantile_table(vals)
-    extra["score_quantiles"] = tables
-    extra["score_quantiles_iwae_k"] = cfg.quantile_iwae_k
-    return update_meta(cfg.out, extra, cfg.storage_options)
+    opts = ScoreOptions(score="elbo", iwae_k=cfg.quantile_iwae_k, seed=cfg.seed)
+    reference, tables = fit_reference(ckpt.model, x_val[:cfg.quantile_images], opts, device)
+    return update_meta(cfg.out, {"score_quantiles": tables, "score_quantiles_iwae_k": cfg.quantile_iwae_k,
+                                 "typicality": reference}, cfg.storage_options)

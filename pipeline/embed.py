@@ -135,6 +135,15 @@ class _Prefetch:
             yield item
 
 
+def check_score_supported(opts: EmbedOptions, ckpt: Checkpoint) -> dict | None:
+    """The typicality reference the score needs, or a ConfigError if the checkpoint lacks it."""
+    reference = ckpt.meta.get("typicality")
+    if opts.score == "typicality" and not reference:
+        raise ConfigError(f"{opts.checkpoint} has no typicality reference (trained by an older vaepipe?); "
+                          "retrain it or use --score complexity")
+    return reference
+
+
 class ShardEmbedder:
     """Loads the model once; :meth:`process` embeds one shard end to end."""
 
@@ -147,8 +156,10 @@ class ShardEmbedder:
         self.ckpt.model.to(self.device).eval()
         self.cfg = self.ckpt.config
         self.schema = latent_schema(self.cfg.latent_dim)
+        reference = check_score_supported(opts, self.ckpt)
         self.score_opts = ScoreOptions(score=opts.score, iwae_k=opts.iwae_k, seed=opts.seed,
-                                       precision=resolve_precision(opts.precision, self.device))
+                                       precision=resolve_precision(opts.precision, self.device),
+                                       reference=reference)
         self.table = self.ckpt.score_quantiles.get(opts.score)
         self.threshold = threshold_for(self.table, opts.threshold_quantile) if self.table else None
         if self.table is None:
@@ -230,6 +241,7 @@ class ShardEmbedder:
             "bits_per_dim": pa.array(s["bits_per_dim"]),
             "iwae_nll": pa.array(s["iwae_nll"]) if "iwae_nll" in s else none,
             "complexity": pa.array(s["complexity"]) if "complexity" in s else none,
+            "typicality": pa.array(s["typicality"]) if "typicality" in s else none,
             "anomaly_score": pa.array(score),
             "anomaly_percentile": pa.array(pct) if pct is not None else none,
             "is_anomaly": pa.array(is_anom) if is_anom is not None else pa.nulls(n, pa.bool_()),

@@ -19,12 +19,13 @@ import uuid
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
-from pipeline.embed import EmbedOptions, options_dict
+from pipeline.embed import EmbedOptions, check_score_supported, options_dict
 from pipeline.manifest import clear_success, read_manifest
 from pipeline.shards import expand_shards
 from pipeline.writer import remove_stale_temp_files
 from pipeline.transforms import EmbedShards, ReadImageShards, WriteManifest
 from vae_model.checkpoint import load_checkpoint
+from vae_model.scoring import SCORES
 from vae_model.errors import StorageError
 from vae_model.storage import describe_storage_error, get_fs, join, parse_storage_options
 
@@ -59,6 +60,7 @@ def run_embed(data_url: str, opts: EmbedOptions, beam_args: list[str] | None = N
     """Embed every shard at ``data_url``; returns the manifest that was written."""
     so = opts.storage_options
     ckpt = load_checkpoint(opts.checkpoint, so)  # fail fast: unreadable/tampered checkpoint
+    check_score_supported(opts, ckpt)
     specs = expand_shards(data_url, so)  # fail fast: no shards, missing bucket, bad credentials
     _check_writable(opts.out_url, so)
     beam_args = list(beam_args or [])
@@ -103,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", dest="out_url", required=True)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--score", default="elbo", choices=["elbo", "iwae", "complexity"])
+    ap.add_argument("--score", default="elbo", choices=list(SCORES))
     ap.add_argument("--iwae-k", type=int, default=64)
     ap.add_argument("--threshold-quantile", type=float, default=0.99)
     ap.add_argument("--run-date", default=None)

@@ -15,7 +15,8 @@ ROW_FIELDS_DOC = {
     "kl": "KL(q(z|x) || p(z)), nats",
     "bits_per_dim": "-ELBO in bits per pixel value",
     "iwae_nll": "-IWAE_k bound, nats (only with --score iwae)",
-    "complexity": "-ELBO bits minus lossless-coder bits (only with --score complexity)",
+    "complexity": "-ELBO bits minus lossless-coder bits (with --score complexity or typicality)",
+    "typicality": "-log density of (-ELBO bits, coder bits) among validation images (--score typicality)",
     "anomaly_score": "the --score in use; higher = more anomalous",
     "anomaly_percentile": "percentile of anomaly_score among the checkpoint's validation images",
     "is_anomaly": "anomaly_score above the validation quantile --threshold-quantile",
@@ -29,7 +30,7 @@ def latent_schema(latent_dim: int) -> pa.Schema:
         ("key", pa.string()), ("shard", pa.string()), ("index", pa.int64()), ("label", pa.int64()),
         ("meta", pa.string()), ("embedding", pa.list_(pa.float32(), latent_dim)),
         ("elbo", pa.float64()), ("recon_nll", pa.float64()), ("kl", pa.float64()), ("bits_per_dim", pa.float64()),
-        ("iwae_nll", pa.float64()), ("complexity", pa.float64()),
+        ("iwae_nll", pa.float64()), ("complexity", pa.float64()), ("typicality", pa.float64()),
         ("anomaly_score", pa.float64()), ("anomaly_percentile", pa.float64()), ("is_anomaly", pa.bool_()),
         ("model_id", pa.string()), ("run_date", pa.date32()),
     ])

@@ -251,3 +251,19 @@ def test_checkpoint_without_quantiles_gives_null_percentiles(fashion_shards, tin
     run_embed(str(fashion_shards), EmbedOptions(str(plain), str(out)))
     df = _rows(out)
     assert df["anomaly_percentile"].isna().all() and df["is_anomaly"].isna().all()
+
+
+def test_typicality_score_column_and_missing_reference(fashion_shards, tiny_checkpoint, tmp_path):
+    from vae_model.errors import ConfigError
+
+    out = tmp_path / "out"
+    run_embed(str(fashion_shards), EmbedOptions(tiny_checkpoint, str(out), score="typicality"))
+    df = _rows(out)
+    assert df["typicality"].notna().all() and np.allclose(df["anomaly_score"], df["typicality"])
+    assert df["complexity"].notna().all() and df["anomaly_percentile"].between(0, 100).all()
+    ckpt = load_checkpoint(tiny_checkpoint)
+    old = tmp_path / "old.safetensors"
+    save_checkpoint(ckpt.model, str(old), {k: v for k, v in ckpt.meta.items() if k != "typicality"})
+    with pytest.raises(ConfigError, match="typicality reference"):
+        run_embed(str(fashion_shards), EmbedOptions(str(old), str(tmp_path / "o2"), score="typicality"))
+    assert not (tmp_path / "o2").exists()

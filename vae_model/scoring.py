@@ -6,6 +6,8 @@ Scores (higher = more anomalous):
   ``complexity``  -ELBO in bits minus the image's length in bits under a lossless coder (WebP
                   lossless): the input-complexity correction of Serra et al. 2020, which removes the
                   bias of likelihoods towards simple images (Nalisnick et al. 2019).
+  ``typicality``  -log density of (-ELBO bits, coder bits) under a KDE fitted on validation images
+                  and stored in the checkpoint (see :mod:`vae_model.typicality`).
 The noise for each image is seeded by a hash of its pixels, so a score depends on the image
 alone: not on batch size, worker, runner or where the shard is stored.
 """
@@ -22,8 +24,9 @@ import torch
 from PIL import Image
 
 from .model import VAE, noise_for_keys
+from .typicality import KDEReference
 
-SCORES = ("elbo", "iwae", "complexity")
+SCORES = ("elbo", "iwae", "complexity", "typicality")
 QUANTILES = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
 LN2 = math.log(2.0)
 
@@ -48,6 +51,7 @@ class ScoreOptions:
     seed: int = 0  # base seed of the per-key noise
     precision: str = "fp32"  # "fp32" or "bf16" (autocast)
     codec: str = "webp"  # lossless coder for the complexity score
+    reference: dict | None = None  # typicality reference (checkpoint meta "typicality")
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
@@ -56,6 +60,9 @@ class ScoreOptions:
             raise ValueError("iwae_k must be >= 1")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError("precision must be fp32 or bf16")
+        if self.score == "typicality" and not self.reference:
+            raise ValueError("score 'typicality' needs the checkpoint's typicality reference (retrain with this "
+                             "vaepipe version, or choose --score complexity)")
 
 
 def autocast(device: torch.device, precision: str):
@@ -107,9 +114,38 @@ def score_batch(model: VAE, images: np.ndarray | torch.Tensor, keys: list[str] |
     else:
         imgs = x.cpu().numpy()
         lengths = np.array([compressed_bits(im, opts.codec) for im in imgs])
+        out["code_bits"] = lengths
         out["complexity"] = -out["elbo"] / LN2 - lengths
-        out["anomaly_score"] = out["complexity"]
+        if opts.score == "complexity":
+            out["anomaly_score"] = out["complexity"]
+        else:
+            ref = KDEReference.from_dict(opts.reference)
+            out["typicality"] = ref.score(np.stack([-out["elbo"] / LN2, lengths], 1))
+            out["anomaly_score"] = out["typicality"]
     return out
+
+
+def score_all(model: VAE, images: np.ndarray | torch.Tensor, opts: ScoreOptions,
+              device: torch.device | str = "cpu", batch_size: int = 256) -> dict[str, np.ndarray]:
+    """:func:`score_batch` over any number of images, outputs concatenated."""
+    parts = [score_batch(model, images[i:i + batch_size], None, opts, device)
+             for i in range(0, len(images), batch_size)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def fit_reference(model: VAE, images: np.ndarray | torch.Tensor, opts: ScoreOptions,
+                  device: torch.device | str = "cpu") -> tuple[dict, dict[str, dict[str, float]]]:
+    """Validation statistics stored in a checkpoint: the typicality KDE (fitted on one half of
+    ``images``) and the quantiles of every score (typicality's on the other half, so that its
+    percentiles are not flattered by scoring the KDE's own points)."""
+    base = score_all(model, images, ScoreOptions("complexity", opts.iwae_k, opts.seed, codec=opts.codec), device)
+    iwae = score_all(model, images, ScoreOptions("iwae", opts.iwae_k, opts.seed), device)
+    feats = np.stack([-base["elbo"] / LN2, base["code_bits"]], 1)
+    half = len(feats) // 2
+    ref = KDEReference.fit(feats[:half])
+    tables = {"elbo": quantile_table(-base["elbo"]), "iwae": quantile_table(iwae["anomaly_score"]),
+              "complexity": quantile_table(base["complexity"]), "typicality": quantile_table(ref.score(feats[half:]))}
+    return ref.to_dict(), tables
 
 
 def quantile_table(scores: np.ndarray, quantiles: tuple[float, ...] = QUANTILES) -> dict[str, float]:
