@@ -39,7 +39,7 @@ from pipeline.shards import write_shards  # noqa: E402
 BENCH = ROOT / ".bench" / "anomaly"
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 MNIST = Path("/tmp/mnist/package/data")
-SCORES = ("elbo", "iwae", "complexity")
+SCORES = ("elbo", "iwae", "complexity", "typicality")
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
 

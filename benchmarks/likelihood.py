@@ -43,22 +43,29 @@ def _find_mnist() -> Path:
 
 
 def run_case(name: str, train_src: Path, test_src: Path, likelihood: str, budget: float, iwae_k: int,
-             eval_limit: int | None, quick: bool, model: dict) -> dict:
+             eval_limit: int | None, quick: bool, model: dict, checkpoint: str | None = None) -> dict:
     tag = "quick" if quick else "full"
     limit = 6000 if quick else None
-    tr = _shards(train_src, BENCH / f"{name}-train-{tag}", limit)
     te = _shards(test_src, BENCH / f"{name}-test-{tag}", 1000 if quick else None)
-    ckpt = BENCH / f"{name}-{tag}.safetensors"
-    cfg = TrainConfig(data_url=tr, out=str(ckpt), val_fraction=0.05, epochs=1000, time_limit=budget,
-                      batch_size=128, lr=1e-3, kl_warmup_steps=2000 if not quick else 200, patience=1000,
-                      num_workers=1, quantile_images=500, quantile_iwae_k=4, model=dict(model, likelihood=likelihood))
-    t0 = time.monotonic()
-    res = train(cfg, progress=False)
-    train_s = time.monotonic() - t0
-    ev = evaluate(te, str(ckpt), EvalOptions(iwae_k=iwae_k, batch_size=100, limit=eval_limit, seed=0))
-    return {"case": name, "likelihood": likelihood, "train_budget_s": budget, "train_wall_s": round(train_s, 1),
-            "epochs": res.epochs, "steps": res.steps, "stopped": res.stopped, "model": model,
-            "val_neg_elbo": res.best_val_neg_elbo, **{k: ev[k] for k in (
+    info: dict = {"trained_here": checkpoint is None}
+    if checkpoint is None:
+        tr = _shards(train_src, BENCH / f"{name}-train-{tag}", limit)
+        checkpoint = str(BENCH / f"{name}-{tag}.safetensors")
+        cfg = TrainConfig(data_url=tr, out=checkpoint, val_fraction=0.05, epochs=1000, time_limit=budget,
+                          batch_size=128, lr=1e-3, kl_warmup_steps=2000 if not quick else 200, patience=1000,
+                          num_workers=1, quantile_images=500, quantile_iwae_k=4,
+                          model=dict(model, likelihood=likelihood))
+        t0 = time.monotonic()
+        res = train(cfg, progress=False)
+        info.update(train_budget_s=budget, train_wall_s=round(time.monotonic() - t0, 1), epochs=res.epochs,
+                    steps=res.steps, stopped=res.stopped, val_neg_elbo=res.best_val_neg_elbo, model=model)
+    else:
+        from vae_model.checkpoint import load_checkpoint
+        meta = load_checkpoint(checkpoint).meta
+        info.update(epochs=meta.get("epochs"), steps=meta.get("steps"), val_neg_elbo=meta.get("val_neg_elbo"),
+                    train_wall_s=None)
+    ev = evaluate(te, checkpoint, EvalOptions(iwae_k=iwae_k, batch_size=100, limit=eval_limit, seed=0))
+    return {"case": name, "likelihood": likelihood, "checkpoint": checkpoint, **info, **{k: ev[k] for k in (
                 "images", "mean_neg_elbo", "iwae_k", "iwae_nll", "elbo_bits_per_dim", "bits_per_dim", "seconds")}}
 
 
@@ -69,6 +76,7 @@ def main() -> None:
     ap.add_argument("--iwae-k", type=int, default=1000)
     ap.add_argument("--eval-limit", type=int, default=None, help="test images (default: all 10k)")
     ap.add_argument("--only", choices=["mnist", "fashion"], default=None)
+    ap.add_argument("--fashion-checkpoint", default=None, help="evaluate this Fashion-MNIST model instead of training")
     args = ap.parse_args()
     BENCH.mkdir(parents=True, exist_ok=True)
     budget = 60.0 if args.quick else args.budget
@@ -83,10 +91,11 @@ def main() -> None:
     if args.only in (None, "fashion"):
         results.append(run_case("fashion-8bit", FASHION / "train-images-idx3-ubyte.gz",
                                 FASHION / "t10k-images-idx3-ubyte.gz", "discretized_logistic", budget, k, limit,
-                                args.quick, dict(latent_dim=32, widths=(32, 64), hidden_dim=512)))
+                                args.quick, dict(latent_dim=32, widths=(32, 64), hidden_dim=512),
+                                args.fashion_checkpoint))
     print(f"{'case':14} {'epochs':>6} {'train s':>8} {'test imgs':>9} {'-ELBO':>8} {'IWAE NLL':>9} {'k':>5} {'bits/dim':>8}")
     for r in results:
-        print(f"{r['case']:14} {r['epochs']:6d} {r['train_wall_s']:8.0f} {r['images']:9d} {r['mean_neg_elbo']:8.2f} "
+        print(f"{r['case']:14} {r['epochs'] or 0:6d} {r['train_wall_s'] or 0:8.0f} {r['images']:9d} {r['mean_neg_elbo']:8.2f} "
               f"{r['iwae_nll']:9.2f} {r['iwae_k']:5d} {r['bits_per_dim']:8.4f}")
     out = ROOT / "benchmarks" / "results" / f"likelihood{'-quick' if args.quick else ''}.json"
     out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
