@@ -287,7 +287,10 @@ def embed(ctx: click.Context, data_url: str, checkpoint_url: str, out_url: str, 
                         score=score, iwae_k=iwae_k, threshold_quantile=threshold_quantile, run_date=run_date,
                         skip_existing=skip_existing, precision=precision, torch_threads=torch_threads,
                         storage_options=_so(storage_options))
-    manifest = run_embed(data_url, opts, list(ctx.args))
+    def show(progress) -> None:
+        click.echo(f"  {progress}", err=True)
+
+    manifest = run_embed(data_url, opts, list(ctx.args), on_progress=show)
     t = manifest["totals"]
     click.echo(f"{t['shards']} shards ({t['shards_skipped']} skipped), {t['images_seen']} images: "
                f"{t['rows']} rows, {t['errors']} dead letters, {manifest['images_per_s']} img/s "

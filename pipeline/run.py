@@ -15,11 +15,13 @@ import datetime as dt
 import logging
 import os
 import uuid
+from typing import Callable
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
-from pipeline.embed import EmbedOptions, check_score_supported, options_dict
+from pipeline.embed import EmbedOptions, check_score_supported, options_dict, output_name
+from pipeline.progress import Progress, ProgressWatcher
 from pipeline.manifest import clear_success, read_manifest
 from pipeline.shards import expand_shards
 from pipeline.writer import remove_stale_temp_files
@@ -56,8 +58,12 @@ def _threads_per_worker(options: PipelineOptions) -> int:
 
 
 def run_embed(data_url: str, opts: EmbedOptions, beam_args: list[str] | None = None,
-              test_pipeline: beam.Pipeline | None = None) -> dict:
-    """Embed every shard at ``data_url``; returns the manifest that was written."""
+              test_pipeline: beam.Pipeline | None = None,
+              on_progress: Callable[[Progress], None] | None = None) -> dict:
+    """Embed every shard at ``data_url``; returns the manifest that was written.
+
+    ``on_progress`` is called every few seconds with shards done/total and images/s, as read
+    from the committed output files (shards skipped as already done are not counted)."""
     so = opts.storage_options
     ckpt = load_checkpoint(opts.checkpoint, so)  # fail fast: unreadable/tampered checkpoint
     check_score_supported(opts, ckpt)
@@ -88,14 +94,20 @@ def run_embed(data_url: str, opts: EmbedOptions, beam_args: list[str] | None = N
          | "ReadImageShards" >> ReadImageShards(specs=specs)
          | "EmbedShards" >> EmbedShards(opts)
          | "WriteManifest" >> WriteManifest(context, so))
-    result = p.run()
-    try:
-        result.wait_until_finish()
-    finally:
-        client = getattr(result, "client", None)  # Beam's DaskRunner opens a dask Client and never closes it
-        if client is not None:
-            client.close()
+    watcher = ProgressWatcher(opts.partition_url, [output_name(s) for s in specs], on_progress or _log_progress, so)
+    with watcher:
+        result = p.run()
+        try:
+            result.wait_until_finish()
+        finally:
+            client = getattr(result, "client", None)  # Beam's DaskRunner opens a dask Client and never closes it
+            if client is not None:
+                client.close()
     return read_manifest(opts.partition_url, so)
+
+
+def _log_progress(progress: Progress) -> None:
+    log.info("%s", progress)
 
 
 def build_parser() -> argparse.ArgumentParser:

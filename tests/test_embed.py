@@ -267,3 +267,20 @@ def test_typicality_score_column_and_missing_reference(fashion_shards, tiny_chec
     with pytest.raises(ConfigError, match="typicality reference"):
         run_embed(str(fashion_shards), EmbedOptions(str(old), str(tmp_path / "o2"), score="typicality"))
     assert not (tmp_path / "o2").exists()
+
+
+def test_progress_reports_shards_done_and_images(fashion_shards, tiny_checkpoint, tmp_path):
+    seen = []
+    from pipeline.embed import output_name
+    from pipeline.progress import ProgressWatcher
+    from pipeline.shards import expand_shards
+
+    out = tmp_path / "out"
+    specs = expand_shards(str(fashion_shards))
+    watcher = ProgressWatcher(str(out), [output_name(s) for s in specs], seen.append, interval=0.05)
+    with watcher:
+        run_embed(str(fashion_shards), EmbedOptions(tiny_checkpoint, str(out)), on_progress=lambda p: None)
+    final = watcher.poll()
+    assert (final.shards_done, final.shards_total, final.images) == (3, 3, 600)
+    assert all(p.shards_total == 3 and 0 <= p.shards_done <= 3 for p in seen)
+    assert "shards 3/3, 600 images" in str(final)
