@@ -93,3 +93,36 @@ def test_sampling_is_seeded():
         return m.sample(4, generator=torch.Generator().manual_seed(seed), stochastic_pixels=True)
     assert torch.equal(draw(1), draw(1))
     assert not torch.equal(draw(1), draw(2))
+
+
+def test_64px_rgb_works_end_to_end():
+    torch.manual_seed(0)
+    m = VAE(VAEConfig.default_for(64, 3, latent_dim=8, hidden_dim=32, widths=(8, 8, 16, 16))).eval()
+    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        t = m.elbo(x, eps=torch.randn(2, 8))
+    assert t.neg_elbo.shape == (2,) and torch.isfinite(t.neg_elbo).all()
+    assert m.sample(2).shape == (2, 3, 64, 64)
+
+
+def test_bf16_autocast_keeps_the_elbo_within_one_percent():
+    m = tiny()
+    x = torch.randint(0, 256, (32, 1, 16, 16), dtype=torch.uint8)
+    eps = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = m.elbo(x, eps=eps).neg_elbo
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = m.elbo(x, eps=eps).neg_elbo
+    assert low.dtype == torch.float32  # the likelihood itself is evaluated in float32
+    assert ((low - ref).abs() / ref.abs()).max() < 0.01
+
+
+def test_precise_scoring_is_float64_and_matches():
+    m = tiny()
+    x = torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8)
+    eps = torch.randn(8, 4)
+    with torch.no_grad():
+        a = m.elbo(x, eps=eps).neg_elbo
+        b = m.elbo(x, eps=eps, precise=True).neg_elbo
+    assert b.dtype == torch.float64
+    torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-3)
