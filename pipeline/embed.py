@@ -30,7 +30,7 @@ from pipeline.writer import AtomicParquetWriter, read_metadata
 from vae_model.checkpoint import Checkpoint, load_checkpoint
 from vae_model.errors import ConfigError, ImageDecodeError
 from vae_model.scoring import SCORES, ScoreOptions, percentile_of, score_batch, threshold_for
-from vae_model.storage import StorageOptions, get_fs, join
+from vae_model.storage import get_fs, join
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from jobs.cli import cli
-from model_fixtures import FASHION, TINY_MODEL
+from model_fixtures import FASHION
 
 COMMANDS = sorted(cli.commands)
 

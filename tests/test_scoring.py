@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 
 from model_fixtures import FASHION, MNIST
 from pipeline.idx import read_idx

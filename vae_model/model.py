@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -202,5 +201,3 @@ def noise_for_keys(keys: list[str], shape: tuple[int, ...], seed: int = 0) -> to
     t = torch.from_numpy(out)
     return t if len(shape) == 1 else t.movedim(0, -2)
 
-
-ScoreFn = Callable[[torch.Tensor], torch.Tensor]
