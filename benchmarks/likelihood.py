@@ -97,7 +97,8 @@ def main() -> None:
     for r in results:
         print(f"{r['case']:14} {r['epochs'] or 0:6d} {r['train_wall_s'] or 0:8.0f} {r['images']:9d} {r['mean_neg_elbo']:8.2f} "
               f"{r['iwae_nll']:9.2f} {r['iwae_k']:5d} {r['bits_per_dim']:8.4f}")
-    out = ROOT / "benchmarks" / "results" / f"likelihood{'-quick' if args.quick else ''}.json"
+    name = "likelihood" + (f"-{args.only}" if args.only else "") + ("-quick" if args.quick else "")
+    out = ROOT / "benchmarks" / "results" / f"{name}.json"
     out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                                "results": results}, indent=2))
     print(f"wrote {out}")
