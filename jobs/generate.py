@@ -14,6 +14,12 @@ def _model(url: str, so: StorageOptions):
     return load_checkpoint(url, so).model
 
 
+def _images(data_url: str, cfg, n: int, so: StorageOptions) -> torch.Tensor:
+    """The first n decodable images of ``data_url`` at the model's size, uint8 (N, C, H, W)."""
+    return load_tensor(ShardImageDataset(list_specs(data_url, so), cfg.channels, cfg.image_size,
+                                         storage_options=so), n)
+
+
 def generate_samples(checkpoint_url: str, out_url: str, n: int = 64, seed: int = 0, temperature: float = 1.0,
                      storage_options: StorageOptions = None) -> int:
     """n images from the prior (pixel means), tiled into one PNG. Returns images written."""
@@ -30,8 +36,7 @@ def generate_reconstructions(checkpoint_url: str, data_url: str, out_url: str, n
     """The first n images of ``data_url`` (odd rows) above their reconstructions (even rows)."""
     model = _model(checkpoint_url, storage_options)
     cfg = model.cfg
-    x = load_tensor(ShardImageDataset(list_specs(data_url, storage_options), cfg.channels, cfg.image_size,
-                                      storage_options=storage_options), n)
+    x = _images(data_url, cfg, n, storage_options)
     if len(x) == 0:
         raise ConfigError(f"no decodable images in {data_url}")
     recon = model.reconstruct(x)
@@ -53,8 +58,7 @@ def generate_interpolations(checkpoint_url: str, out_url: str, n: int = 8, steps
     cfg = model.cfg
     rows = []
     if data_url:
-        x = load_tensor(ShardImageDataset(list_specs(data_url, storage_options), cfg.channels, cfg.image_size,
-                                          storage_options=storage_options), 2 * n)
+        x = _images(data_url, cfg, 2 * n, storage_options)
         if len(x) < 2:
             raise ConfigError(f"--interpolate needs at least 2 decodable images in {data_url}")
         for i in range(0, len(x) - 1, 2):

@@ -160,16 +160,19 @@ def quantile_table(scores: np.ndarray, quantiles: tuple[float, ...] = QUANTILES)
 def percentile_of(scores: np.ndarray, table: dict[str, float]) -> np.ndarray:
     """Approximate percentile (0..100) of each score within the validation distribution, by
     piecewise-linear interpolation through the stored quantiles (clipped to [0, 100])."""
-    pts = sorted((float(k), v) for k, v in table.items() if k not in ("min", "max", "n"))
-    qs = [0.0] + [q for q, _ in pts] + [1.0]
-    vs = [table.get("min", pts[0][1])] + [v for _, v in pts] + [table.get("max", pts[-1][1])]
-    vs = np.maximum.accumulate(np.asarray(vs, dtype=np.float64))
+    qs, vs = _quantile_curve(table)
     return 100.0 * np.interp(scores, vs, qs, left=0.0, right=1.0)
 
 
 def threshold_for(table: dict[str, float], quantile: float) -> float:
     """Score at a validation quantile (interpolated through the stored table)."""
+    qs, vs = _quantile_curve(table)
+    return float(np.interp(quantile, qs, vs))
+
+
+def _quantile_curve(table: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+    """(quantiles 0..1, non-decreasing score values) from a :func:`quantile_table`."""
     pts = sorted((float(k), v) for k, v in table.items() if k not in ("min", "max", "n"))
     qs = [0.0] + [q for q, _ in pts] + [1.0]
     vs = [table.get("min", pts[0][1])] + [v for _, v in pts] + [table.get("max", pts[-1][1])]
-    return float(np.interp(quantile, qs, vs))
+    return np.asarray(qs), np.maximum.accumulate(np.asarray(vs, dtype=np.float64))
