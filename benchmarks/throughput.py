@@ -381,7 +381,15 @@ def start_s3(data_dir: Path):
     import tempfile
 
     sys.path.insert(0, str(common.REPO / "tests"))
+    omp = os.environ.get("OMP_NUM_THREADS")
     import conftest as cf
+
+    # tests/conftest.py sets OMP_NUM_THREADS=1 for the test suite when imported; children started
+    # after this must keep torch's default threads, like the local runs.
+    if omp is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = omp
 
     weed = cf._find_weed()
     if weed is None:
@@ -445,6 +453,25 @@ def summarize(rows: list[dict], n: int) -> dict:
                              "c/b s3": ("c-multi@s3", "b@s3"), "c/b-2proc s3": ("c-multi@s3", "b-2proc@s3"),
                              "c-single/b s3": ("c-single@s3", "b@s3")}.items():
             out["ratios"][f"{name} ({key})"] = ratio(x, y, key)
+    # Paired ratios: the k-th run of x against the k-th run of y (run minutes apart in the same
+    # repeat), so a burst of other people's jobs hits both sides; median over repeats.
+    seen: dict = {}
+    for r in rows:
+        k = (r["variant"], r["storage"], r["n"])
+        r["rep"] = seen[k] = seen.get(k, -1) + 1
+    out["paired_ratios"] = {}
+    for name, (x, y) in {"c/b": ("c-multi@local", "b@local"), "c/b-2proc": ("c-multi@local", "b-2proc@local"),
+                         "c/d": ("c-multi@local", "d-multi@local"), "c/d-1t": ("c-multi@local", "d-multi-1t@local"),
+                         "c/a-2x1thread": ("c-multi@local", "a-2proc@local"),
+                         "c/a-1x2threads": ("c-multi@local", "a@local"),
+                         "c/b s3": ("c-multi@s3", "b@s3"), "c/b-2proc s3": ("c-multi@s3", "b-2proc@s3")}.items():
+        def runs(vs: str) -> dict:
+            v, st = vs.split("@")
+            return {r["rep"]: r["img_s"] for r in rows if r["variant"] == v and r["storage"] == st and r["n"] == n
+                    and r.get("img_s")}
+        rx, ry = runs(x), runs(y)
+        per = [round(rx[k] / ry[k], 3) for k in sorted(rx) if k in ry]
+        out["paired_ratios"][name] = {"per_repeat": per, "median": common.median(per)}
     for name in ("c/b", "c/d", "c/a"):
         v = out["ratios"][f"{name} (img_s)"]
         out["targets"][name] = {"target": TARGETS[name], "value": v, "met": v is not None and v >= TARGETS[name]}
@@ -479,6 +506,9 @@ def print_report(rows: list[dict], summary: dict, n: int) -> None:
     sizes = sorted({r["n"] for r in rows})
     print(common.table([[v, *[summary["rss_by_size_mb"][v].get(s) for s in sizes]] for v in summary["rss_by_size_mb"]],
                        ["variant", *[str(s) for s in sizes]]))
+    print("\nPaired ratios (img/s, k-th run against k-th run; per repeat -> median)")
+    print(common.table([[k, " ".join(str(x) for x in v["per_repeat"]), v["median"]]
+                        for k, v in summary["paired_ratios"].items()], ["ratio", "per repeat", "median"]))
     print("\nTargets")
     for k, t in summary["targets"].items():
         print(f"  {k:12s} {'MET ' if t['met'] else 'MISS'}  {json.dumps({a: b for a, b in t.items() if a != 'met'})}")
@@ -496,7 +526,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variants", default=None, help="comma-separated subset of the local variants, e.g. c-multi,d-multi")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2000 images, 1 repeat, < 2 min")
     ap.add_argument("--out", default=str(common.RESULTS / "throughput.json"))
+    ap.add_argument("--resummarize", metavar="JSON", help="recompute the summary of an earlier results file")
+    ap.add_argument("--s3-only-into", metavar="JSON",
+                    help="run only the S3 measurements and replace the S3 runs of this results file with them")
     args = ap.parse_args(argv)
+    if args.resummarize:
+        result = json.loads(Path(args.resummarize).read_text())
+        result["summary"] = summarize(result["runs"], result["images"])
+        print_report(result["runs"], result["summary"], result["images"])
+        common.write_json(Path(args.resummarize), result)
+        return
     if args.quick:
         args.images, args.rss_sizes, args.repeats, args.stock_repeats, args.s3_repeats = 2000, "1000", 1, 1, 1
         if args.out == str(common.RESULTS / "throughput.json"):
@@ -511,6 +550,8 @@ def main(argv: list[str] | None = None) -> None:
     if others:
         common.log("other busy processes on this machine: " + "; ".join(others))
     rows: list[dict] = []
+    if args.s3_only_into:
+        args.repeats, sizes = 0, []
     local = ["a", "a-2proc", "b", "b-2proc", "c-multi", "c-single"][1 if args.quick else 0:]
     for rep in range(args.repeats):
         order = local + (["d-multi", "d-multi-1t"] if rep < args.stock_repeats else [])
@@ -530,6 +571,13 @@ def main(argv: list[str] | None = None) -> None:
                     rows.append(measure(v, n, s3["data"], ck, args.batch_size, "s3", s3))
         finally:
             s3["stop"]()
+    if args.s3_only_into:
+        prev = json.loads(Path(args.s3_only_into).read_text())
+        rows = [r for r in prev["runs"] if r["storage"] != "s3"] + rows
+        prev.update(runs=rows, summary=summarize(rows, n), s3_rerun={"started": started, "argv": sys.argv})
+        print_report(rows, prev["summary"], n)
+        common.write_json(Path(args.s3_only_into), prev)
+        return
     summary = summarize(rows, n)
     result = {"started": started, "seconds": round(time.perf_counter() - t_all, 1), "images": n,
               "checkpoint": ck, "batch_size": args.batch_size, "cpus": os.cpu_count(),
