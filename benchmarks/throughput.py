@@ -527,6 +527,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: 2000 images, 1 repeat, < 2 min")
     ap.add_argument("--out", default=str(common.RESULTS / "throughput.json"))
     ap.add_argument("--resummarize", metavar="JSON", help="recompute the summary of an earlier results file")
+    ap.add_argument("--append-local-into", metavar="JSON",
+                    help="run --repeats more local repeats (no RSS sizes, no S3) and add them to this results file")
     ap.add_argument("--s3-only-into", metavar="JSON",
                     help="run only the S3 measurements and replace the S3 runs of this results file with them")
     args = ap.parse_args(argv)
@@ -552,6 +554,8 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict] = []
     if args.s3_only_into:
         args.repeats, sizes = 0, []
+    if args.append_local_into:
+        sizes, args.no_s3 = [], True
     local = ["a", "a-2proc", "b", "b-2proc", "c-multi", "c-single"][1 if args.quick else 0:]
     for rep in range(args.repeats):
         order = local + (["d-multi", "d-multi-1t"] if rep < args.stock_repeats else [])
@@ -571,18 +575,26 @@ def main(argv: list[str] | None = None) -> None:
                     rows.append(measure(v, n, s3["data"], ck, args.batch_size, "s3", s3))
         finally:
             s3["stop"]()
-    if args.s3_only_into:
-        prev = json.loads(Path(args.s3_only_into).read_text())
-        rows = [r for r in prev["runs"] if r["storage"] != "s3"] + rows
-        prev.update(runs=rows, summary=summarize(rows, n), s3_rerun={"started": started, "argv": sys.argv})
+    if args.s3_only_into or args.append_local_into:
+        into = Path(args.s3_only_into or args.append_local_into)
+        prev = json.loads(into.read_text())
+        if args.s3_only_into:
+            rows = [r for r in prev["runs"] if r["storage"] != "s3"] + rows
+        else:
+            rows = prev["runs"] + rows
+        prev.update(runs=rows, summary=summarize(rows, n))
+        prev.setdefault("later_runs", []).append({"started": started, "argv": sys.argv})
         print_report(rows, prev["summary"], n)
-        common.write_json(Path(args.s3_only_into), prev)
+        common.write_json(into, prev)
         return
     summary = summarize(rows, n)
     result = {"started": started, "seconds": round(time.perf_counter() - t_all, 1), "images": n,
               "checkpoint": ck, "batch_size": args.batch_size, "cpus": os.cpu_count(),
               "busy_other_processes_at_start": others, "argv": sys.argv, "summary": summary, "runs": rows}
+    result["quick"] = args.quick
     print_report(rows, summary, n)
+    if args.quick:
+        print("\n--quick: 2000 images, so process start-up dominates; a smoke test of every variant, not a measurement")
     common.write_json(Path(args.out), result)
 
 
