@@ -50,21 +50,26 @@ def _keys_pixels(data_url: str, so: dict | None, part: int = 0, nparts: int = 1)
     fs, path = url_to_fs(data_url, **(so or {}))
     for f in sorted(fs.glob(path.rstrip("/") + "/*.tar"))[part::nparts]:
         name = fs.unstrip_protocol(f) if "s3" in fs.protocol else f
-        with fs.open(f, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tf:
-            png, label = None, None
-            key = None
-            for info in tf:
-                tf.members = []
-                stem, _, ext = info.name.partition(".")
-                data = tf.extractfile(info).read()
-                if ext == "cls":
-                    label = int(data)
-                else:
-                    png = np.asarray(Image.open(io.BytesIO(data)).convert("L"))[None]
-                    key = f"{name}/{stem}"
-                if png is not None and label is not None:
-                    yield name, key, label, png
-                    png, label = None, None
+        with fs.open(f, "rb") as fh:
+            for key, label, data in tar_pairs(fh, name):
+                yield name, key, label, np.asarray(Image.open(io.BytesIO(data)).convert("L"))[None]
+
+
+def tar_pairs(fileobj, name: str):
+    """A hand-written tar stream reader for the baselines: (key, label, png bytes) per image."""
+    with tarfile.open(fileobj=fileobj, mode="r|") as tf:
+        png, label, key = None, None, None
+        for info in tf:
+            tf.members = []
+            stem, _, ext = info.name.partition(".")
+            data = tf.extractfile(info).read()
+            if ext == "cls":
+                label = int(data)
+            else:
+                png, key = data, f"{name}/{stem}"
+            if png is not None and label is not None:
+                yield key, label, png
+                png, label = None, None
 
 
 def _score_in_memory(args, part: int = 0, nparts: int = 1, barrier=None, queue=None) -> dict:
@@ -274,20 +279,9 @@ class ElboModule(_nn.Module):
 
 def tar_members(readable_file):
     """ReadableFile of a tar shard -> ((key, label), png bytes) per image."""
-    name = readable_file.metadata.path
-    with readable_file.open() as fh, tarfile.open(fileobj=fh, mode="r|") as tf:
-        png, label, key = None, None, None
-        for info in tf:
-            tf.members = []
-            stem, _, ext = info.name.partition(".")
-            data = tf.extractfile(info).read()
-            if ext == "cls":
-                label = int(data)
-            else:
-                png, key = data, f"{name}/{stem}"
-            if png is not None and label is not None:
-                yield (key, label), png
-                png, label = None, None
+    with readable_file.open() as fh:
+        for key, label, png in tar_pairs(fh, readable_file.metadata.path):
+            yield (key, label), png
 
 
 def decode_to_tensor(kv):
