@@ -74,7 +74,8 @@ def without_class(holdout: int) -> Path:
 def train_model(data: str, out: Path, budget: float) -> str:
     if not out.exists():
         train(TrainConfig(data_url=data, out=str(out), epochs=1000, time_limit=budget, patience=1000,
-                          batch_size=128, val_fraction=0.05, quantile_images=2000, quantile_iwae_k=16,
+                          batch_size=128, lr_schedule="cosine", val_fraction=0.1, quantile_images=10000,
+                          quantile_iwae_k=16,
                           model=dict(latent_dim=32, widths=(32, 64), hidden_dim=512)), progress=False)
     return str(out)
 
@@ -98,7 +99,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--checkpoint", default=None, help="Fashion-MNIST model (else trained here)")
-    ap.add_argument("--budget", type=float, default=600.0, help="training seconds per model trained here")
+    ap.add_argument("--budget", type=float, default=420.0, help="training seconds per model trained here")
     ap.add_argument("--holdout", type=int, default=8, help="Fashion-MNIST class held out in case 2")
     ap.add_argument("--iwae-k", type=int, default=16)
     ap.add_argument("--skip-case2", action="store_true")

@@ -78,14 +78,14 @@ def _score_in_memory(args, part: int = 0, nparts: int = 1, barrier=None, queue=N
     import torch
 
     from vae_model.checkpoint import load_checkpoint
-    from vae_model.scoring import ScoreOptions, score_batch
+    from vae_model.scoring import ScoreOptions, for_scoring, score_batch
 
     torch.set_num_threads(args.threads)
     items = list(_keys_pixels(args.data, None, part, nparts))
     keys = [k for _, k, _, _ in items]
     x = np.stack([p for _, _, _, p in items])
     del items
-    model = load_checkpoint(args.checkpoint).model.eval()
+    model = for_scoring(load_checkpoint(args.checkpoint).model)  # as vaepipe embed does
     opts = ScoreOptions(score="elbo", precision="fp32")
     bs = args.batch_size
     score_batch(model, x[:bs], keys[:bs], opts)  # warm-up (oneDNN primitive cache)
@@ -156,12 +156,12 @@ def _bare_loop(args, part: int = 0, nparts: int = 1, queue=None) -> dict:
     from fsspec.core import url_to_fs
 
     from vae_model.checkpoint import load_checkpoint
-    from vae_model.scoring import ScoreOptions, score_batch
+    from vae_model.scoring import ScoreOptions, for_scoring, score_batch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     so = json.loads(args.storage_options) if args.storage_options else None
-    model = load_checkpoint(args.checkpoint).model.eval()
+    model = for_scoring(load_checkpoint(args.checkpoint).model)  # as vaepipe embed does
     opts = ScoreOptions(score="elbo", precision="fp32")
     d = model.cfg.latent_dim
     schema = pa.schema([("key", pa.string()), ("shard", pa.string()), ("label", pa.int64()),

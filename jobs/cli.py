@@ -134,6 +134,10 @@ def shards(source: str, out_url: str, fmt: str, shard_size: int, limit: int | No
 @click.option("--kl-warmup-steps", default=1000, show_default=True)
 @click.option("--batch-size", default=128, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
+              help="cosine: decay to 2% of --lr by the last epoch or the --time-limit, whichever comes first.")
+@click.option("--cache-mb", default=1024, show_default=True,
+              help="Keep the decoded training images in memory after epoch 1 when they fit in this many MB (0: always stream).")
 @click.option("--patience", default=5, show_default=True, help="Early stopping: epochs without validation improvement.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--num-workers", default=1, show_default=True, help="DataLoader processes streaming shards.")
@@ -144,8 +148,8 @@ def shards(source: str, out_url: str, fmt: str, shard_size: int, limit: int | No
 @handle_errors
 def train(data_url: str, out: str, val_url: str | None, val_fraction: float, epochs: int, time_limit: float | None,
           image_size: int, channels: int, latent_dim: int, widths: str | None, hidden_dim: int, likelihood: str,
-          beta: float, kl_warmup_steps: int, batch_size: int, lr: float, patience: int, seed: int,
-          num_workers: int, precision: str, resume: bool, quiet: bool, storage_options: str | None) -> None:
+          beta: float, kl_warmup_steps: int, batch_size: int, lr: float, lr_schedule: str, cache_mb: int,
+          patience: int, seed: int, num_workers: int, precision: str, resume: bool, quiet: bool, storage_options: str | None) -> None:
     """Train a VAE on the shards at DATA_URL; write the best checkpoint to --out.
 
     Beside the checkpoint: OUT.metrics.jsonl, OUT.epochNNN.png (samples and reconstructions)
@@ -169,11 +173,39 @@ def train(data_url: str, out: str, val_url: str | None, val_fraction: float, epo
         except ValueError:
             raise click.BadParameter("comma-separated integers, e.g. 32,64", param_hint="--widths") from None
     cfg = TrainConfig(data_url=data_url, out=out, val_url=val_url, val_fraction=val_fraction, epochs=epochs,
-                      time_limit=time_limit, batch_size=batch_size, lr=lr, kl_warmup_steps=kl_warmup_steps,
+                      time_limit=time_limit, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule,
+                      cache_bytes=max(cache_mb, 0) << 20, kl_warmup_steps=kl_warmup_steps,
                       patience=patience, seed=seed, num_workers=num_workers, precision=precision, resume=resume,
                       model=model, storage_options=_so(storage_options))
     result = run_train(cfg, progress=not quiet)
     click.echo(json.dumps(result.__dict__))
+
+
+@cli.command()
+@click.argument("checkpoint_url")
+@click.argument("data_url")
+@click.option("--limit", type=int, default=10000, show_default=True, help="Use at most this many images.")
+@click.option("--iwae-k", default=16, show_default=True, help="Importance samples for the iwae score's quantiles.")
+@click.option("--seed", default=0, show_default=True)
+@storage_option
+@handle_errors
+def calibrate(checkpoint_url: str, data_url: str, limit: int, iwae_k: int, seed: int,
+              storage_options: str | None) -> None:
+    """Refit a checkpoint's score quantiles and typicality reference on DATA_URL.
+
+    DATA_URL should hold normal images the model was not trained on (a few thousand: the
+    typicality score sharpens with more). The weights and model_id are unchanged; embed outputs
+    record the calibration, so rerunning embed rescores. Prints the calibration record.
+
+    \b
+    Example:
+      vaepipe calibrate runs/m.safetensors s3://bucket/fmnist/holdout/ --limit 8000
+    """
+    from jobs.calibrate import calibrate as run_calibrate
+
+    if limit is not None and limit < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--limit")
+    click.echo(json.dumps(run_calibrate(checkpoint_url, data_url, limit, iwae_k, seed, _so(storage_options))))
 
 
 @cli.command()

@@ -19,14 +19,14 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader
 
+from jobs.calibrate import store_calibration
 from jobs.data import ShardImageDataset, fingerprint, list_specs, load_tensor
 from jobs.grid import save_grid
 from vae_model import losses
-from vae_model.checkpoint import load_checkpoint, save_checkpoint, update_meta
+from vae_model.checkpoint import save_checkpoint
 from vae_model.config import VAEConfig
 from vae_model.errors import ConfigError, StorageError, VaePipeError
 from vae_model.model import VAE
-from vae_model.scoring import ScoreOptions, fit_reference
 from vae_model.storage import StorageOptions, atomic_write_bytes, exists, get_fs, read_bytes
 
 log = logging.getLogger(__name__)
@@ -38,11 +38,13 @@ class TrainConfig:
     out: str  # checkpoint URL
     val_url: str | None = None  # separate validation data; else a hash split of data_url
     val_fraction: float = 0.05
-    val_limit: int = 5000  # validation images held in memory
+    val_limit: int = 10000  # validation images held in memory
     epochs: int = 10
     time_limit: float | None = None  # seconds; stops cleanly (resumable) when reached
     batch_size: int = 128
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # constant | cosine (to lr * lr_min_ratio at the last epoch or the time limit)
+    lr_min_ratio: float = 0.02
     weight_decay: float = 1e-4
     kl_warmup_steps: int = 1000
     grad_clip: float = 200.0
@@ -50,9 +52,10 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 1  # DataLoader worker processes streaming shards
     shuffle_buffer: int = 4096
+    cache_bytes: int = 1 << 30  # keep the decoded training split in memory after epoch 1 when it fits (0: stream)
     precision: str = "auto"  # auto | fp32 | bf16
     resume: bool = False
-    quantile_images: int = 2000  # validation images used for the stored score quantiles
+    quantile_images: int = 10000  # validation images for the score quantiles and typicality reference
     quantile_iwae_k: int = 16
     log_every: int = 50  # steps between metrics lines
     model: dict[str, Any] = field(default_factory=dict)  # VAEConfig fields
@@ -110,15 +113,19 @@ def _load_resume(url: str, storage_options: StorageOptions) -> dict:
 @torch.no_grad()
 def evaluate_tensor(model: VAE, x: torch.Tensor, batch_size: int, seed: int, precision: str = "fp32",
                     device: torch.device = torch.device("cpu")) -> dict[str, float]:
-    """Mean -ELBO (nats), bits/dim, recon and KL over a uint8 tensor; deterministic given seed."""
+    """Mean -ELBO (nats), bits/dim, recon and KL over a uint8 tensor; deterministic given seed.
+
+    Bernoulli models are scored on a seeded stochastic binarisation, the protocol ``vaepipe
+    evaluate`` uses for dynamically binarised data (a 0.5 threshold gives much easier images)."""
     model.eval()
     g = torch.Generator(device=device).manual_seed(seed)
+    binarize = g if model.cfg.likelihood == "bernoulli" else None
     sums = {"neg_elbo": 0.0, "recon_nll": 0.0, "kl": 0.0}
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size].to(device)
         eps = torch.randn((len(xb), model.cfg.latent_dim), generator=g, device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            t = model.elbo(xb, eps=eps)
+            t = model.elbo(xb, generator=binarize, eps=eps)
         sums["neg_elbo"] += t.neg_elbo.sum().item()
         sums["recon_nll"] += t.recon_nll.sum().item()
         sums["kl"] += t.kl.sum().item()
@@ -126,6 +133,40 @@ def evaluate_tensor(model: VAE, x: torch.Tensor, batch_size: int, seed: int, pre
     out = {k: v / n for k, v in sums.items()}
     out["bits_per_dim"] = out["neg_elbo"] / (model.cfg.num_dims * math.log(2))
     return out
+
+
+def lr_factor(cfg: TrainConfig, state: dict, elapsed: float) -> float:
+    """Multiplier of ``cfg.lr`` for the next step. ``cosine`` follows the further of two clocks:
+    epochs done (once an epoch's length is known) and, with a time limit, wall time, so that the
+    rate reaches its floor when either runs out."""
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    progress = 0.0
+    if state.get("steps_per_epoch"):
+        progress = (state["epoch"] + state["step_in_epoch"] / state["steps_per_epoch"]) / cfg.epochs
+    if cfg.time_limit:
+        progress = max(progress, elapsed / cfg.time_limit)
+    progress = min(max(progress, 0.0), 1.0)
+    return cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _epoch_batches(cache: torch.Tensor, batch_size: int, seed: int, epoch: int):
+    """Batches of the in-memory training split in a fresh order per (seed, epoch)."""
+    perm = torch.randperm(len(cache), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    for i in range(0, len(cache), batch_size):
+        yield cache[perm[i:i + batch_size]]
+
+
+def _fill_cache(train_ds: ShardImageDataset, loader_kw: dict, budget: int) -> torch.Tensor | None:
+    """Replay epoch 1's stream into memory (resume after epoch 1 needs the same images in the same order)."""
+    train_ds.set_epoch(0)
+    parts, size = [], 0
+    for x in DataLoader(train_ds, **loader_kw):
+        parts.append(x)
+        size += x.numel()
+        if size > budget:
+            return None
+    return torch.cat(parts) if parts else None
 
 
 def _rng_state(gen: torch.Generator) -> dict:
@@ -141,6 +182,8 @@ def train(cfg: TrainConfig, progress: bool = True,
     precision = pick_precision(cfg.precision, device)
     if cfg.batch_size < 1 or cfg.epochs < 1:
         raise ConfigError("--batch-size and --epochs must be >= 1")
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise ConfigError(f"--lr-schedule must be constant or cosine, not {cfg.lr_schedule!r}")
     if not 0 <= cfg.val_fraction < 1:
         raise ConfigError("--val-fraction must be in [0, 1)")
     if cfg.val_url is None and cfg.val_fraction == 0:
@@ -191,17 +234,33 @@ def train(cfg: TrainConfig, progress: bool = True,
     stopped = "epochs"
     from tqdm.auto import tqdm
 
+    # Epoch 1 streams and decodes the shards; when the decoded split fits in cfg.cache_bytes it is
+    # kept, and later epochs draw shuffled batches from memory (no decoding on the training cores).
+    cache: torch.Tensor | None = None
+    if state["epoch"] > 0 and state.get("cached"):
+        cache = _fill_cache(train_ds, loader_kw, cfg.cache_bytes)
     while state["epoch"] < cfg.epochs:
         epoch = state["epoch"]
         train_ds.set_epoch(epoch)
         model.train()
         skip = state["step_in_epoch"]
         seen, t0, sum_loss, n_loss = 0, time.monotonic(), 0.0, 0
+        collecting: list[torch.Tensor] | None = [] if cache is None and epoch == 0 and cfg.cache_bytes > 0 else None
+        collected = 0
+        batches = (_epoch_batches(cache, cfg.batch_size, cfg.seed, epoch) if cache is not None
+                   else DataLoader(train_ds, **loader_kw))
         bar = tqdm(desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img", disable=not progress, leave=False)
-        for i, x in enumerate(DataLoader(train_ds, **loader_kw)):
+        for i, x in enumerate(batches):
+            if collecting is not None:
+                collecting.append(x)
+                collected += x.numel()
+                if collected > cfg.cache_bytes:
+                    collecting = None
             if i < skip:  # exact resume: replay the data order, skip what was already trained on
                 continue
             x = x.to(device, non_blocking=True)
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * lr_factor(cfg, state, time.monotonic() - t_start)
             beta = losses.kl_warmup_weight(state["step"], cfg.kl_warmup_steps, model_cfg.beta)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 terms = model(x, generator=gen)
@@ -231,6 +290,11 @@ def train(cfg: TrainConfig, progress: bool = True,
         if stopped == "time_limit":
             _save_resume(resume_url, _resume_payload(model, opt, gen, model_cfg, state, metrics), so)
             break
+        if epoch == 0:
+            state["steps_per_epoch"] = state["step_in_epoch"]
+            if collecting:
+                cache = torch.cat(collecting)
+            state["cached"] = cache is not None
         val = evaluate_tensor(model, x_val, 512, cfg.seed, precision="fp32", device=device)
         state["epoch"] += 1
         state["step_in_epoch"] = 0
@@ -238,6 +302,7 @@ def train(cfg: TrainConfig, progress: bool = True,
                "train_neg_elbo": sum_loss / max(n_loss, 1), "val_neg_elbo": val["neg_elbo"],
                "val_bits_per_dim": val["bits_per_dim"], "val_recon_nll": val["recon_nll"], "val_kl": val["kl"],
                "img_per_s": seen / max(time.monotonic() - t0, 1e-9), "precision": precision,
+               "lr": opt.param_groups[0]["lr"], "data": "memory" if epoch > 0 and cache is not None else "stream",
                "elapsed_s": time.monotonic() - t_start}
         metrics.append(rec)
         improved = val["neg_elbo"] < state["best"]
@@ -293,8 +358,6 @@ def _epoch_grid(model: VAE, x_val: torch.Tensor, cfg: TrainConfig, epoch: int, d
 def store_score_quantiles(cfg: TrainConfig, x_val: torch.Tensor, device: torch.device) -> str:
     """Score validation images with the best model; store each score's quantiles and the
     typicality reference in the checkpoint."""
-    ckpt = load_checkpoint(cfg.out, cfg.storage_options, map_location=device)
-    opts = ScoreOptions(score="elbo", iwae_k=cfg.quantile_iwae_k, seed=cfg.seed)
-    reference, tables = fit_reference(ckpt.model, x_val[:cfg.quantile_images], opts, device)
-    return update_meta(cfg.out, {"score_quantiles": tables, "score_quantiles_iwae_k": cfg.quantile_iwae_k,
-                                 "typicality": reference}, cfg.storage_options)
+    source = cfg.val_url or f"{cfg.data_url} (validation split {cfg.val_fraction:g})"
+    return store_calibration(cfg.out, x_val[:cfg.quantile_images], source, cfg.quantile_iwae_k, cfg.seed, device,
+                             cfg.storage_options)["model_id"]

@@ -29,7 +29,8 @@ from pipeline.shards import ShardSpec, iter_members
 from pipeline.writer import AtomicParquetWriter, read_metadata
 from vae_model.checkpoint import Checkpoint, load_checkpoint
 from vae_model.errors import ConfigError, ImageDecodeError
-from vae_model.scoring import SCORES, ScoreOptions, percentile_of, score_batch, threshold_for
+from vae_model.scoring import (SCORES, ScoreOptions, calibration_id, for_scoring, percentile_of, score_batch,
+                               threshold_for)
 from vae_model.storage import get_fs, join
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ class ShardEmbedder:
             torch.set_num_threads(opts.torch_threads)
         self.device = resolve_device(opts.device)
         self.ckpt = checkpoint or load_checkpoint(opts.checkpoint, opts.storage_options, map_location=self.device)
-        self.ckpt.model.to(self.device).eval()
+        for_scoring(self.ckpt.model, self.device, resolve_precision(opts.precision, self.device))
         self.cfg = self.ckpt.config
         self.schema = latent_schema(self.cfg.latent_dim)
         reference = check_score_supported(opts, self.ckpt)
@@ -168,6 +169,7 @@ class ShardEmbedder:
         self.run_date = dt.date.fromisoformat(opts.run_date) if opts.run_date else None
         self.file_meta = {
             "vaepipe.model_id": self.ckpt.model_id,
+            "vaepipe.calibration": calibration_id(self.ckpt.meta),
             "vaepipe.config": json.dumps(self.cfg.to_dict(), sort_keys=True),
             "vaepipe.score": opts.score,
             "vaepipe.iwae_k": str(opts.iwae_k),
@@ -189,6 +191,8 @@ class ShardEmbedder:
             return None
         if md.get("vaepipe.score") != self.opts.score or md.get("vaepipe.iwae_k") != str(self.opts.iwae_k):
             return None
+        if md.get("vaepipe.calibration", "") != self.file_meta["vaepipe.calibration"]:
+            return None  # recalibrated since: scores and percentiles change
         try:
             counts = json.loads(md["vaepipe.counts"])
         except (KeyError, json.JSONDecodeError):

@@ -19,7 +19,7 @@ def invoke(*args):
 
 
 def test_expected_commands_exist():
-    assert {"shards", "train", "generate", "evaluate", "embed", "info"} <= set(COMMANDS)
+    assert {"shards", "train", "generate", "evaluate", "embed", "info", "calibrate"} <= set(COMMANDS)
 
 
 @pytest.mark.parametrize("name", COMMANDS)
@@ -62,6 +62,11 @@ def test_quickstart_chain(tmp_path):
     res = invoke("info", ckpt)
     assert res.exit_code == 0 and json.loads(res.stdout)["config"]["latent_dim"] == 4
 
+    res = invoke("calibrate", ckpt, shards, "--limit", 120, "--iwae-k", 2)
+    assert res.exit_code == 0, res.output
+    cal = json.loads(res.stdout)
+    assert cal["images"] == 120 and cal["data_url"] == str(shards) and len(cal["id"]) == 16
+
     res = invoke("embed", shards, "--checkpoint", ckpt, "--out", tmp_path / "out", "--direct_num_workers=1")
     assert res.exit_code == 0, res.output
     emb = json.loads(res.stdout.strip().splitlines()[-1])
@@ -73,7 +78,8 @@ def _run(*args):
                           cwd=Path(__file__).resolve().parents[1], timeout=300)
 
 
-@pytest.mark.parametrize("case", ["missing_ckpt", "tampered_ckpt", "no_shards", "bad_config", "bad_json"])
+@pytest.mark.parametrize("case", ["missing_ckpt", "tampered_ckpt", "no_shards", "bad_config", "bad_json",
+                                  "calibrate_too_few"])
 def test_bad_input_gives_one_line_error_and_nonzero_exit(case, tmp_path, tiny_checkpoint, fashion_shards):
     if case == "missing_ckpt":
         args = ["embed", fashion_shards, "--checkpoint", tmp_path / "nope.safetensors", "--out", tmp_path / "o"]
@@ -87,6 +93,10 @@ def test_bad_input_gives_one_line_error_and_nonzero_exit(case, tmp_path, tiny_ch
         (tmp_path / "empty").mkdir()
     elif case == "bad_config":
         args = ["train", fashion_shards, "--out", tmp_path / "m.safetensors", "--image-size", 8]
+    elif case == "calibrate_too_few":
+        import shutil
+        shutil.copy(tiny_checkpoint, tmp_path / "c.safetensors")
+        args = ["calibrate", tmp_path / "c.safetensors", fashion_shards, "--limit", 10]
     else:
         args = ["evaluate", fashion_shards, "--checkpoint", tiny_checkpoint, "--storage-options", "{nope"]
     res = _run(*args)

@@ -284,3 +284,24 @@ def test_progress_reports_shards_done_and_images(fashion_shards, tiny_checkpoint
     assert (final.shards_done, final.shards_total, final.images) == (3, 3, 600)
     assert all(p.shards_total == 3 and 0 <= p.shards_done <= 3 for p in seen)
     assert "shards 3/3, 600 images" in str(final)
+
+
+def test_recalibrated_checkpoint_reruns_shards(fashion_shards, mnist_shards, tiny_checkpoint, tmp_path):
+    import shutil
+
+    from jobs.calibrate import calibrate
+
+    ck = tmp_path / "m.safetensors"
+    shutil.copy(tiny_checkpoint, ck)
+    out = tmp_path / "out"
+    run_embed(str(fashion_shards), EmbedOptions(str(ck), str(out), score="typicality"))
+    before = _rows(out)
+    rec = calibrate(str(ck), str(mnist_shards), limit=100, iwae_k=2)  # another reference: other scores
+    assert rec["model_id"] == load_checkpoint(tiny_checkpoint).model_id and rec["images"] == 100
+    again = run_embed(str(fashion_shards), EmbedOptions(str(ck), str(out), score="typicality"))
+    assert again["totals"]["shards_skipped"] == 0
+    after = _rows(out)
+    np.testing.assert_allclose(np.stack(after["embedding"]), np.stack(before["embedding"]))
+    assert not np.allclose(after["typicality"], before["typicality"])
+    assert run_embed(str(fashion_shards), EmbedOptions(str(ck), str(out), score="typicality"))[
+        "totals"]["shards_skipped"] == 3

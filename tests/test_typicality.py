@@ -55,3 +55,53 @@ def test_chunking_does_not_change_scores():
 def test_too_few_reference_points_is_refused():
     with pytest.raises(ValueError, match="reference images"):
         KDEReference.fit(np.zeros((3, 2)))
+
+
+# -- the latent view -------------------------------------------------------------------------
+
+from vae_model.typicality import LatentKNN, TypicalityReference, intrinsic_dimension  # noqa: E402
+
+
+def _subspace(n, dim, ambient, rng):
+    """Points on a random dim-dimensional linear subspace of R^ambient (like posterior means)."""
+    basis = np.linalg.qr(rng.normal(size=(ambient, dim)))[0]
+    return rng.normal(size=(n, dim)) @ basis.T
+
+
+@pytest.mark.parametrize("dim", [2, 5])
+def test_intrinsic_dimension_recovers_a_known_dimension(dim):
+    rng = np.random.default_rng(dim)
+    est = intrinsic_dimension(_subspace(2000, dim, 16, rng))
+    assert abs(est - dim) < 0.25 * dim + 0.3, est
+
+
+def test_latent_density_falls_with_distance_from_the_reference():
+    rng = np.random.default_rng(4)
+    knn = LatentKNN.fit(_subspace(1000, 3, 8, rng))
+    inside = _subspace(200, 3, 8, np.random.default_rng(4))[:200] * 0.5  # same subspace, near the bulk
+    outside = inside + 3.0 * rng.normal(size=inside.shape)  # off the subspace
+    assert np.median(knn.score(outside)) > np.quantile(knn.score(inside), 0.95)
+    # The score is dim * log(distance to the nearest reference point): check one by hand.
+    z = outside[:1]
+    r = np.sqrt(((knn.points - z) ** 2).sum(1)).min()
+    np.testing.assert_allclose(knn.score(z)[0], knn.dim * np.log(r), rtol=1e-9)
+    # An exact duplicate of a reference point gets a finite score.
+    assert np.isfinite(knn.score(knn.points[:1])).all()
+
+
+def test_typicality_adds_both_views_and_round_trips():
+    rng = np.random.default_rng(5)
+    feats, lat = _band(600, rng), _subspace(600, 3, 8, rng)
+    ref = TypicalityReference.fit(feats, lat)
+    tf, tl = _band(30, rng), _subspace(30, 3, 8, rng)
+    np.testing.assert_allclose(ref.score(tf, tl), ref.kde.score(tf) + ref.latent.score(tl))
+    again = TypicalityReference.from_dict(ref.to_dict())
+    np.testing.assert_allclose(again.score(tf, tl), ref.score(tf, tl), atol=1e-3)
+
+
+def test_a_reference_without_the_latent_view_still_scores():
+    rng = np.random.default_rng(6)
+    kde = KDEReference.fit(_band(300, rng))
+    old = TypicalityReference.from_dict(kde.to_dict())  # what earlier checkpoints store
+    tf = _band(10, rng)
+    np.testing.assert_allclose(old.score(tf, np.zeros((10, 4))), kde.score(tf))

@@ -1,4 +1,4 @@
-"""Typicality: how unusual an image's (likelihood, complexity) pair is among validation images.
+"""Typicality: how unusual an image is among validation images, in two independent views.
 
 Plain likelihoods rank simple out-of-distribution images (MNIST under a Fashion-MNIST model) as
 *more* likely (Nalisnick et al. 2019). The input-complexity correction (Serra et al. 2020)
@@ -8,8 +8,18 @@ L(x) in bits), fits a kernel density to s over held-out in-distribution images, 
 -log density. In-distribution images fall on a narrow, correlated band in that plane; anomalies
 fall off it in either direction (too complex, or too simple for how well the model explains them).
 
-The reference is stored in the checkpoint's metadata (a few thousand numbers), so scoring needs
-no data at run time.
+The second view is where the encoder puts the image: a k-nearest-neighbour density of the
+posterior mean among the validation images' posterior means, p(z) ~ 1 / r_1(z)^m, where r_1 is
+the distance to the nearest reference latent and m the intrinsic dimension of the reference set
+(Levina & Bickel 2004 maximum-likelihood estimate; the latent has D coordinates but the images
+occupy a lower-dimensional part of it). Images of another domain land away from every validation
+image even when their likelihood statistics look ordinary. The score is the sum of the two
+-log densities (their product density, treating the views as independent):
+
+    typicality(x) = -log p_KDE(-ELBO bits, L(x)) + m * log r_1(mu(x))
+
+The reference is stored in the checkpoint's metadata (a few thousand points), so scoring needs
+no data at run time; ``vaepipe calibrate`` refits it on other held-out images.
 """
 from __future__ import annotations
 
@@ -46,12 +56,19 @@ class KDEReference:
         """-log density (up to a constant shared by all images) of each row of ``feats``."""
         z = (np.asarray(feats, dtype=np.float64) - self.mean) @ self.whiten
         out = np.empty(len(z))
-        h2 = self.bandwidth ** 2
+        scale = -0.5 / self.bandwidth ** 2
+        p_sq = (self.points ** 2).sum(1)
         for i in range(0, len(z), chunk):
-            d2 = ((z[i:i + chunk, None, :] - self.points[None]) ** 2).sum(-1)  # (m, n)
-            logk = -0.5 * d2 / h2
+            zc = z[i:i + chunk]
+            # squared distances by expansion (one matrix product; coordinates are whitened, so
+            # centred and of unit scale: no harmful cancellation), clipped at 0
+            logk = (zc ** 2).sum(1)[:, None] + p_sq[None] - 2.0 * zc @ self.points.T  # (m, n)
+            np.maximum(logk, 0.0, out=logk)
+            logk *= scale
             top = logk.max(1)
-            out[i:i + chunk] = -(top + np.log(np.exp(logk - top[:, None]).sum(1)) - np.log(len(self.points)))
+            logk -= top[:, None]
+            np.exp(logk, out=logk)
+            out[i:i + chunk] = -(top + np.log(logk.sum(1)) - np.log(len(self.points)))
         return out
 
     def to_dict(self) -> dict:
@@ -63,3 +80,85 @@ class KDEReference:
     def from_dict(cls, d: dict) -> "KDEReference":
         return cls(np.asarray(d["mean"], float), np.asarray(d["whiten"], float), np.asarray(d["points"], float),
                    float(d["bandwidth"]), tuple(d["features"]))
+
+
+def intrinsic_dimension(points: np.ndarray, k: int = 5, chunk: int = 1024) -> float:
+    """Levina-Bickel maximum-likelihood intrinsic dimension of a point set (leave-one-out,
+    ``k`` neighbours, averaged as MacKay & Ghahramani suggest: inverse of the mean inverse)."""
+    x = np.asarray(points, dtype=np.float64)
+    n = len(x)
+    if n <= k + 1:
+        raise ValueError(f"need more than {k + 1} points to estimate a dimension, got {n}")
+    sq = (x ** 2).sum(1)
+    inv = np.empty(n)
+    for i in range(0, n, chunk):
+        d2 = sq[i:i + chunk, None] + sq[None] - 2.0 * x[i:i + chunk] @ x.T
+        np.fill_diagonal(d2[:, i:i + chunk], np.inf)  # leave each point out of its own neighbours
+        near = np.sqrt(np.maximum(np.partition(d2, k - 1, axis=1)[:, :k], 1e-24))
+        near.sort(1)
+        inv[i:i + chunk] = np.log(near[:, -1:] / near[:, :-1]).sum(1) / (k - 1)
+    return float(1.0 / max(inv.mean(), 1e-12))
+
+
+@dataclass
+class LatentKNN:
+    """Nearest-neighbour density of posterior means: -log p(z) = dim * log r_1(z) + const."""
+
+    points: np.ndarray  # (n, D) reference posterior means
+    dim: float  # intrinsic dimension of the reference set
+    floor: float  # smallest distance used (duplicates of a reference image would give log 0)
+
+    @classmethod
+    def fit(cls, latents: np.ndarray) -> "LatentKNN":
+        pts = np.asarray(latents, dtype=np.float64)
+        if pts.ndim != 2 or len(pts) < 8:
+            raise ValueError(f"need at least 8 reference latents (n, D), got shape {pts.shape}")
+        dim = intrinsic_dimension(pts)
+        return cls(pts, dim, 1e-6)
+
+    def nearest(self, latents: np.ndarray, chunk: int = 512) -> np.ndarray:
+        """Distance of each row to its nearest reference latent."""
+        z = np.asarray(latents, dtype=np.float64)
+        ref_sq = (self.points ** 2).sum(1)
+        out = np.empty(len(z))
+        for i in range(0, len(z), chunk):
+            zc = z[i:i + chunk]
+            d2 = (zc ** 2).sum(1)[:, None] + ref_sq[None] - 2.0 * zc @ self.points.T
+            out[i:i + chunk] = np.sqrt(np.maximum(d2.min(1), 0.0))
+        return np.maximum(out, self.floor)
+
+    def score(self, latents: np.ndarray) -> np.ndarray:
+        return self.dim * np.log(self.nearest(latents))
+
+    def to_dict(self) -> dict:
+        return {"kind": "latent_knn", "dim": self.dim, "floor": self.floor,
+                "points": np.round(self.points, 5).tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LatentKNN":
+        return cls(np.asarray(d["points"], float), float(d["dim"]), float(d["floor"]))
+
+
+@dataclass
+class TypicalityReference:
+    """Both views; ``latent`` is None for references written before it existed (KDE only)."""
+
+    kde: KDEReference
+    latent: LatentKNN | None = None
+
+    @classmethod
+    def fit(cls, feats: np.ndarray, latents: np.ndarray) -> "TypicalityReference":
+        return cls(KDEReference.fit(feats), LatentKNN.fit(latents))
+
+    def score(self, feats: np.ndarray, latents: np.ndarray) -> np.ndarray:
+        s = self.kde.score(feats)
+        return s if self.latent is None else s + self.latent.score(latents)
+
+    def to_dict(self) -> dict:
+        return {"kind": "typicality_v2", "kde": self.kde.to_dict(), "latent": self.latent.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TypicalityReference":
+        if d.get("kind") == "typicality_v2":
+            return cls(KDEReference.from_dict(d["kde"]), LatentKNN.from_dict(d["latent"]))
+        return cls(KDEReference.from_dict(d))  # a KDE-only reference of an earlier version

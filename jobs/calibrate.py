@@ -1,0 +1,53 @@
+"""Calibration: fit a checkpoint's score statistics on held-out in-distribution images.
+
+What it stores in the checkpoint's metadata (the weights, hence the model_id, are unchanged):
+  ``score_quantiles``  quantiles of every score, for ``anomaly_percentile`` / ``is_anomaly``
+  ``typicality``       the reference of the ``typicality`` score (see vae_model.typicality)
+  ``calibration``      where the images came from, how many, and a content id of the above
+
+Training calls it on its validation split at the end. ``vaepipe calibrate`` runs it again on
+other held-out images: more of them (the typicality densities sharpen with more points), or
+fresher ones when the normal data drifts. Pipeline outputs record the calibration id, so a rerun
+after a recalibration rescores instead of skipping.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+
+import torch
+
+from jobs.data import ShardImageDataset, list_specs, load_tensor
+from vae_model.checkpoint import load_checkpoint, update_meta
+from vae_model.errors import ConfigError
+from vae_model.scoring import ScoreOptions, calibration_id, fit_reference
+from vae_model.storage import StorageOptions
+
+MIN_IMAGES = 32
+
+
+def store_calibration(checkpoint_url: str, images: torch.Tensor, source: str, iwae_k: int = 16, seed: int = 0,
+                      device: torch.device | str = "cpu", storage_options: StorageOptions = None) -> dict:
+    """Fit score quantiles + typicality reference on ``images`` (uint8 (N, C, H, W)) and write
+    them into the checkpoint. Returns the ``calibration`` record."""
+    if len(images) < MIN_IMAGES:
+        raise ConfigError(f"calibration needs at least {MIN_IMAGES} held-out images, got {len(images)} from {source}")
+    ckpt = load_checkpoint(checkpoint_url, storage_options, map_location=device)
+    reference, tables = fit_reference(ckpt.model, images, ScoreOptions(score="elbo", iwae_k=iwae_k, seed=seed), device)
+    updates = {"score_quantiles": tables, "score_quantiles_iwae_k": iwae_k, "typicality": reference}
+    record = {"data_url": source, "images": int(len(images)), "iwae_k": iwae_k, "seed": seed,
+              "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "id": calibration_id(updates)}
+    model_id = update_meta(checkpoint_url, {**updates, "calibration": record}, storage_options)
+    return {**record, "model_id": model_id}
+
+
+def calibrate(checkpoint_url: str, data_url: str, limit: int | None = 10000, iwae_k: int = 16, seed: int = 0,
+              storage_options: StorageOptions = None) -> dict:
+    """Recalibrate ``checkpoint_url`` on (up to ``limit``) images of ``data_url``; they should be
+    normal data the model was not trained on."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = load_checkpoint(checkpoint_url, storage_options).config
+    ds = ShardImageDataset(list_specs(data_url, storage_options), cfg.channels, cfg.image_size, split="all",
+                           storage_options=storage_options)
+    images = load_tensor(ds, limit)
+    return store_calibration(checkpoint_url, images, data_url, iwae_k, seed, device, storage_options)
