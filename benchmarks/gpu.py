@@ -186,7 +186,7 @@ def main() -> None:
         log(traceback.format_exc())
     save()
 
-    for spec in args.embed.split(","):
+    for spec in filter(None, args.embed.split(",")):
         prec, workers, batch = spec.split(":")[0], int(spec.split(":")[1]), args.embed_batch
         try:
             o = work / f"out-{prec}-{workers}"

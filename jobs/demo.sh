@@ -21,7 +21,7 @@ echo "== 2/4 train ($EPOCHS epochs)"
 vaepipe train "$OUT/train" --out "$OUT/model/vae.safetensors" --epochs "$EPOCHS" --latent-dim 16 --quiet
 vaepipe generate "$OUT/model/vae.safetensors" --out "$OUT/model/samples.png" --n 64
 
-echo "== 3/4 embed (DirectRunner, 2 worker processes, score = typicality of (ELBO, complexity))"
+echo "== 3/4 embed (DirectRunner, 2 worker processes, score = typicality: (ELBO, complexity) KDE + latent kNN density)"
 vaepipe embed "$OUT/score/**/*.tar" --checkpoint "$OUT/model/vae.safetensors" --out "$OUT/latents" \
   --score typicality --run-date "$(date +%F)" \
   --direct_num_workers=2 --direct_running_mode=multi_processing 2>&1 \
