@@ -30,6 +30,14 @@ import numpy as np
 FEATURES = ("neg_elbo_bits", "code_bits")
 
 
+def _sq_dists(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances (len(a), len(b)) by expansion (one matrix product), clipped at
+    0; ``b_sq`` = (b ** 2).sum(1). Inputs here are centred or of latent scale, so the expansion
+    loses nothing that matters."""
+    d2 = (a ** 2).sum(1)[:, None] + b_sq[None] - 2.0 * a @ b.T
+    return np.maximum(d2, 0.0, out=d2)
+
+
 @dataclass
 class KDEReference:
     """A Gaussian KDE in whitened coordinates (Scott's bandwidth times ``bw_factor``)."""
@@ -59,11 +67,7 @@ class KDEReference:
         scale = -0.5 / self.bandwidth ** 2
         p_sq = (self.points ** 2).sum(1)
         for i in range(0, len(z), chunk):
-            zc = z[i:i + chunk]
-            # squared distances by expansion (one matrix product; coordinates are whitened, so
-            # centred and of unit scale: no harmful cancellation), clipped at 0
-            logk = (zc ** 2).sum(1)[:, None] + p_sq[None] - 2.0 * zc @ self.points.T  # (m, n)
-            np.maximum(logk, 0.0, out=logk)
+            logk = _sq_dists(z[i:i + chunk], self.points, p_sq)  # (m, n); whitened coordinates
             logk *= scale
             top = logk.max(1)
             logk -= top[:, None]
@@ -92,7 +96,7 @@ def intrinsic_dimension(points: np.ndarray, k: int = 5, chunk: int = 1024) -> fl
     sq = (x ** 2).sum(1)
     inv = np.empty(n)
     for i in range(0, n, chunk):
-        d2 = sq[i:i + chunk, None] + sq[None] - 2.0 * x[i:i + chunk] @ x.T
+        d2 = _sq_dists(x[i:i + chunk], x, sq)
         np.fill_diagonal(d2[:, i:i + chunk], np.inf)  # leave each point out of its own neighbours
         near = np.sqrt(np.maximum(np.partition(d2, k - 1, axis=1)[:, :k], 1e-24))
         near.sort(1)
@@ -122,9 +126,7 @@ class LatentKNN:
         ref_sq = (self.points ** 2).sum(1)
         out = np.empty(len(z))
         for i in range(0, len(z), chunk):
-            zc = z[i:i + chunk]
-            d2 = (zc ** 2).sum(1)[:, None] + ref_sq[None] - 2.0 * zc @ self.points.T
-            out[i:i + chunk] = np.sqrt(np.maximum(d2.min(1), 0.0))
+            out[i:i + chunk] = np.sqrt(_sq_dists(z[i:i + chunk], self.points, ref_sq).min(1))
         return np.maximum(out, self.floor)
 
     def score(self, latents: np.ndarray) -> np.ndarray:
