@@ -17,7 +17,7 @@ import datetime as _dt
 import torch
 
 from jobs.data import ShardImageDataset, list_specs, load_tensor
-from vae_model.checkpoint import load_checkpoint, update_meta
+from vae_model.checkpoint import Checkpoint, load_checkpoint, update_meta
 from vae_model.errors import ConfigError
 from vae_model.scoring import ScoreOptions, calibration_id, fit_reference
 from vae_model.storage import StorageOptions
@@ -26,12 +26,14 @@ MIN_IMAGES = 32
 
 
 def store_calibration(checkpoint_url: str, images: torch.Tensor, source: str, iwae_k: int = 16, seed: int = 0,
-                      device: torch.device | str = "cpu", storage_options: StorageOptions = None) -> dict:
+                      device: torch.device | str = "cpu", storage_options: StorageOptions = None,
+                      ckpt: Checkpoint | None = None) -> dict:
     """Fit score quantiles + typicality reference on ``images`` (uint8 (N, C, H, W)) and write
-    them into the checkpoint. Returns the ``calibration`` record."""
+    them into the checkpoint (``ckpt``: the checkpoint already loaded from ``checkpoint_url``).
+    Returns the ``calibration`` record."""
     if len(images) < MIN_IMAGES:
         raise ConfigError(f"calibration needs at least {MIN_IMAGES} held-out images, got {len(images)} from {source}")
-    ckpt = load_checkpoint(checkpoint_url, storage_options, map_location=device)
+    ckpt = ckpt or load_checkpoint(checkpoint_url, storage_options, map_location=device)
     reference, tables = fit_reference(ckpt.model, images, ScoreOptions(score="elbo", iwae_k=iwae_k, seed=seed), device)
     updates = {"score_quantiles": tables, "score_quantiles_iwae_k": iwae_k, "typicality": reference}
     record = {"data_url": source, "images": int(len(images)), "iwae_k": iwae_k, "seed": seed,
@@ -46,8 +48,9 @@ def calibrate(checkpoint_url: str, data_url: str, limit: int | None = 10000, iwa
     """Recalibrate ``checkpoint_url`` on (up to ``limit``) images of ``data_url``; they should be
     normal data the model was not trained on."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = load_checkpoint(checkpoint_url, storage_options).config
+    ckpt = load_checkpoint(checkpoint_url, storage_options, map_location=device)
+    cfg = ckpt.config
     ds = ShardImageDataset(list_specs(data_url, storage_options), cfg.channels, cfg.image_size, split="all",
                            storage_options=storage_options)
     images = load_tensor(ds, limit)
-    return store_calibration(checkpoint_url, images, data_url, iwae_k, seed, device, storage_options)
+    return store_calibration(checkpoint_url, images, data_url, iwae_k, seed, device, storage_options, ckpt)

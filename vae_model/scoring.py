@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -177,8 +178,6 @@ def fit_reference(model: VAE, images: np.ndarray | torch.Tensor, opts: ScoreOpti
 
 def calibration_id(meta: dict) -> str:
     """Content id of a checkpoint's score statistics (quantiles, typicality reference); "" if none."""
-    import json
-
     stats = {k: meta.get(k) for k in ("score_quantiles", "score_quantiles_iwae_k", "typicality")}
     if not any(stats.values()):
         return ""
