@@ -1,0 +1,41 @@
+"""Process-level settings for CPU throughput.
+
+glibc's malloc serves allocations above a moving threshold (128 KiB, rising to at most 32 MiB)
+with fresh ``mmap`` pages and hands them back to the kernel on ``free``. A conv VAE's activations
+for a batch of 256 28x28 images are 6-26 MB each, so every forward pass page-faults its
+activations in anew: on this project's 2-core benchmark machine that cost ~20% of a scoring
+batch (benchmarks/BENCHMARKS.md, "allocator"). :func:`tune_allocator` raises the mmap and trim
+thresholds so that freed activation memory is reused from the heap, as jemalloc or tcmalloc
+(which PyTorch's CPU performance guide recommends preloading) would do. The cost is that up to
+the trim threshold of freed memory stays mapped to the process.
+
+Off with ``VAEPIPE_TUNE_MALLOC=0``; a no-op where the C library is not glibc.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+THRESHOLD = 256 << 20  # bytes: larger blocks still come from mmap and go back on free
+
+_done: bool | None = None
+
+
+def tune_allocator() -> bool:
+    """Raise glibc's mmap/trim thresholds once per process; True when they are in effect."""
+    global _done
+    if _done is not None:
+        return _done
+    _done = False
+    if os.environ.get("VAEPIPE_TUNE_MALLOC", "1") == "0" or platform.system() != "Linux" \
+            or platform.libc_ver()[0] != "glibc":
+        return _done
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        _done = bool(libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, THRESHOLD))
+    except (OSError, AttributeError):
+        _done = False
+    return _done
