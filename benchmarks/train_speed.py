@@ -1,14 +1,16 @@
 """Training speed: ``jobs.train.train`` against a minimal pytorch/examples-style loop, and bf16 vs fp32.
 
-Same model class ``VAE(VAEConfig.default_for(28, 1, latent_dim=32))``, same seed (so the same
-initial weights), same N Fashion-MNIST images, batch size 128, E passes (epochs) of ceil(N / 128)
-steps each.
+Same model class ``VAE(VAEConfig.default_for(28, 1, latent_dim=32))``, same N Fashion-MNIST
+images, batch size 128, E passes (epochs) of ceil(N / 128) steps each. Repeat r uses seed r for
+every variant (the same initial weights; each loop draws its own data order), so the spread of
+held-out losses over seeds is measured, and the loss comparison is paired by seed.
 
   ours            ``train(TrainConfig(...))`` as a user runs it: epoch 1 streams the shards through a
                   DataLoader worker (decode + shuffle buffer), later epochs use the decoded images
-                  kept in memory; AdamW, KL warm-up, grad clipping, precision "auto" (bf16 autocast
-                  on this AMX/AVX-512 CPU)
-  ours-fp32-nowu  the same with precision fp32 and no KL warm-up (the minimal loop's objective)
+                  kept in memory; AdamW (weight decay 1e-4), KL warm-up, adaptive gradient clipping
+                  (5x the median recent norm), precision "auto" (bf16 autocast on this AMX/AVX-512 CPU)
+  ours-fp32-nowu  the same with precision fp32 and no KL warm-up (the minimal loop's objective);
+                  clipping, weight decay and the streaming first pass stay as shipped
   minimal-fp32    pytorch/examples ``vae/main.py`` style: data in memory, DataLoader(shuffle=True),
                   Adam(1e-3), loss = mean -ELBO
   minimal-bf16    the same step under ``torch.autocast("cpu", torch.bfloat16)``
@@ -50,7 +52,7 @@ def _data(n: int):
     return train_dir, val_dir, x, x_val
 
 
-def child(variant: str, n: int, epochs: int) -> dict:
+def child(variant: str, n: int, epochs: int, seed: int) -> dict:
     import torch
 
     from jobs.train import TrainConfig, evaluate_tensor, train
@@ -68,7 +70,7 @@ def child(variant: str, n: int, epochs: int) -> dict:
             t0 = time.perf_counter()
             res = train(TrainConfig(data_url=str(train_dir), out=out, val_url=str(val_dir), val_limit=2000,
                                     epochs=epochs, patience=epochs,
-                                    batch_size=BATCH, seed=SEED, precision="fp32" if fp32 else "auto",
+                                    batch_size=BATCH, seed=seed, precision="fp32" if fp32 else "auto",
                                     kl_warmup_steps=0 if fp32 else 1000, quantile_images=256, quantile_iwae_k=4,
                                     model=dict(model_kw)), progress=False)
             wall = time.perf_counter() - t0
@@ -78,14 +80,16 @@ def child(variant: str, n: int, epochs: int) -> dict:
             model = VAE(VAEConfig.default_for(28, 1, **model_kw))
             model.load_state_dict(torch.load(out + ".resume.pt", weights_only=True)["model"])
             held = evaluate_tensor(model, x_val, 512, SEED, precision="fp32")
+            clipped = ep[-1].get("clipped_steps")
         steady = [e["img_per_s"] for e in ep[1:]]
         return {"variant": variant, "steps": res.steps, "images": n * epochs, "img_s_first": ep[0]["img_per_s"],
                 "img_s": sum(steady) / len(steady) if steady else ep[0]["img_per_s"],
                 "data": [e["data"] for e in ep], "train_neg_elbo": ep[-1]["train_neg_elbo"], "last10_neg_elbo": None,
-                "heldout_neg_elbo": held["neg_elbo"], "precision": ep[-1]["precision"], "train_call_s": wall}
+                "heldout_neg_elbo": held["neg_elbo"], "precision": ep[-1]["precision"], "train_call_s": wall,
+                "clipped_steps": clipped, "seed": seed}
 
     bf16 = variant == "minimal-bf16"
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     model = VAE(VAEConfig.default_for(28, 1, **model_kw))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=BATCH, shuffle=True)
@@ -110,7 +114,7 @@ def child(variant: str, n: int, epochs: int) -> dict:
            "img_s": sum(steady) / len(steady),
            "train_neg_elbo": sum(l * min(BATCH, n - i * BATCH) for i, l in enumerate(losses)) / n,
            "last10_neg_elbo": sum(losses[-10:]) / len(losses[-10:]), "heldout_neg_elbo": held["neg_elbo"],
-           "precision": "bf16" if bf16 else "fp32"}
+           "precision": "bf16" if bf16 else "fp32", "seed": seed}
     if not bf16:  # numerics: the same weights, the same noise, one forward in fp32 and in bf16
         model.eval()
         xb, eps = x_val[:512], torch.randn(512, 32, generator=torch.Generator().manual_seed(1))
@@ -132,9 +136,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1280 images (10 steps), 1 repeat")
     ap.add_argument("--out", default=str(common.RESULTS / "train_speed.json"))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.images, args.epochs)), flush=True)
+        print(json.dumps(child(args.child, args.images, args.epochs, args.seed)), flush=True)
         return
     if args.quick:
         args.images, args.repeats = 1280, 1
@@ -151,7 +156,7 @@ def main() -> None:
     for rep in range(args.repeats):
         for v in variants if rep % 2 == 0 else variants[::-1]:
             r = common.run_child([sys.executable, str(Path(__file__).resolve()), "--child", v,
-                                  "--images", str(args.images), "--epochs", str(args.epochs)])
+                                  "--images", str(args.images), "--epochs", str(args.epochs), "--seed", str(rep)])
             row = {**common.last_json(r.pop("stdout")), "rc": r["rc"], "wall_s": r["wall_s"], "cpu_s": r["cpu_s"],
                    "maxrss_mb": r["maxrss_mb"], "load_avg": common.load_average()}
             rows.append(row)
@@ -172,6 +177,21 @@ def main() -> None:
         ratios[f"{a} / {b}"] = round(x / y, 3) if x and y else None
         x1, y1 = summary[a]["img_s_first"], summary[b]["img_s_first"]
         ratios[f"{a} / {b} (pass 1)"] = round(x1 / y1, 3) if x1 and y1 else None
+    # Loss at the same steps, paired by seed: relative held-out difference against minimal-fp32,
+    # next to the seed-to-seed spread of minimal-fp32 itself (the noise floor of "same loss").
+    by_seed = {(r["variant"], r["seed"]): r["heldout_neg_elbo"] for r in rows if r["rc"] == 0 and "seed" in r}
+    seeds = sorted({sd for (_, sd) in by_seed})
+    ref = [by_seed[("minimal-fp32", sd)] for sd in seeds if ("minimal-fp32", sd) in by_seed]
+    loss = {"seeds": seeds, "minimal-fp32 spread over seeds (max-min)/mean":
+            round((max(ref) - min(ref)) / (sum(ref) / len(ref)), 4) if len(ref) > 1 else None}
+    for v in variants:
+        if v == "minimal-fp32":
+            continue
+        diffs = [(by_seed[(v, sd)] - by_seed[("minimal-fp32", sd)]) / by_seed[("minimal-fp32", sd)]
+                 for sd in seeds if (v, sd) in by_seed and ("minimal-fp32", sd) in by_seed]
+        loss[f"{v} vs minimal-fp32, paired rel. diff"] = (
+            {"mean": round(sum(diffs) / len(diffs), 4), "min": round(min(diffs), 4), "max": round(max(diffs), 4)}
+            if diffs else None)
     numerics = [r["bf16_vs_fp32_forward"] for r in rows if "bf16_vs_fp32_forward" in r]
     print(f"\nTraining, {args.images} images x {args.epochs} passes, batch {BATCH}, "
           f"{summary['minimal-fp32']['steps']} steps (medians of {args.repeats})")
@@ -180,12 +200,13 @@ def main() -> None:
                        ["variant", "precision", "img/s pass 1", "img/s later", "train -ELBO", "last-10 -ELBO",
                         "held-out -ELBO", "reps"]))
     print("\nimg/s ratios: " + ", ".join(f"{k} = {v}" for k, v in ratios.items()))
+    print("held-out -ELBO at the same steps, paired by seed: " + json.dumps(loss))
     if numerics:
         print("bf16 vs fp32, one forward on identical weights (per-image -ELBO): " + json.dumps(numerics[0]))
     common.write_json(Path(args.out), {"images": args.images, "epochs": args.epochs, "batch_size": BATCH, "repeats": args.repeats,
                                        "seconds": round(time.perf_counter() - t_all, 1),
                                        "busy_other_processes_at_start": others, "summary": summary,
-                                       "ratios": ratios, "bf16_vs_fp32_forward": numerics, "runs": rows})
+                                       "ratios": ratios, "heldout_loss": loss, "bf16_vs_fp32_forward": numerics, "runs": rows})
 
 
 if __name__ == "__main__":

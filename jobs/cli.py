@@ -138,6 +138,9 @@ def shards(source: str, out_url: str, fmt: str, shard_size: int, limit: int | No
               help="cosine: decay to 2% of --lr by the last epoch or the --time-limit, whichever comes first.")
 @click.option("--cache-mb", default=1024, show_default=True,
               help="Keep the decoded training images in memory after epoch 1 when they fit in this many MB (0: always stream).")
+@click.option("--grad-clip", default=0.0, show_default=True, help="Clip the gradient norm at this value (0: no fixed limit).")
+@click.option("--grad-clip-factor", default=5.0, show_default=True,
+              help="Clip the gradient norm at this multiple of the median of the last 100 norms (0: off).")
 @click.option("--patience", default=5, show_default=True, help="Early stopping: epochs without validation improvement.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--num-workers", default=1, show_default=True, help="DataLoader processes streaming shards.")
@@ -149,7 +152,7 @@ def shards(source: str, out_url: str, fmt: str, shard_size: int, limit: int | No
 def train(data_url: str, out: str, val_url: str | None, val_fraction: float, epochs: int, time_limit: float | None,
           image_size: int, channels: int, latent_dim: int, widths: str | None, hidden_dim: int, likelihood: str,
           beta: float, kl_warmup_steps: int, batch_size: int, lr: float, lr_schedule: str, cache_mb: int,
-          patience: int, seed: int, num_workers: int, precision: str, resume: bool, quiet: bool, storage_options: str | None) -> None:
+          grad_clip: float, grad_clip_factor: float, patience: int, seed: int, num_workers: int, precision: str, resume: bool, quiet: bool, storage_options: str | None) -> None:
     """Train a VAE on the shards at DATA_URL; write the best checkpoint to --out.
 
     Beside the checkpoint: OUT.metrics.jsonl, OUT.epochNNN.png (samples and reconstructions)
@@ -175,6 +178,7 @@ def train(data_url: str, out: str, val_url: str | None, val_fraction: float, epo
     cfg = TrainConfig(data_url=data_url, out=out, val_url=val_url, val_fraction=val_fraction, epochs=epochs,
                       time_limit=time_limit, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule,
                       cache_bytes=max(cache_mb, 0) << 20, kl_warmup_steps=kl_warmup_steps,
+                      grad_clip=grad_clip, grad_clip_factor=grad_clip_factor,
                       patience=patience, seed=seed, num_workers=num_workers, precision=precision, resume=resume,
                       model=model, storage_options=_so(storage_options))
     result = run_train(cfg, progress=not quiet)

@@ -29,6 +29,7 @@ from pipeline.shards import ShardSpec, iter_members
 from pipeline.writer import AtomicParquetWriter, read_metadata
 from vae_model.checkpoint import Checkpoint, load_checkpoint
 from vae_model.errors import ConfigError, ImageDecodeError
+from vae_model.runtime import release_memory
 from vae_model.scoring import (SCORES, ScoreOptions, calibration_id, for_scoring, percentile_of, score_batch,
                                threshold_for)
 from vae_model.storage import get_fs, join
@@ -282,6 +283,8 @@ class ShardEmbedder:
         except BaseException:
             writer.abort()
             raise
+        finally:
+            release_memory()  # the shard's freed batches go back to the kernel: flat RSS over many shards
         secs = time.monotonic() - t0
         log.info("shard %s: %d rows, %d errors in %.2fs (%.0f img/s)", spec.name, counts["rows"], counts["errors"],
                  secs, counts["images_seen"] / max(secs, 1e-9))

@@ -107,3 +107,47 @@ def test_bernoulli_validation_uses_stochastic_binarisation(mnist_shards):
     assert a == evaluate_tensor(model, x, 32, seed=0)  # seeded: the same every time
     # A different seed draws other binary images (a 0.5 threshold would not depend on it).
     assert a["neg_elbo"] != evaluate_tensor(model, x, 32, seed=1)["neg_elbo"]
+
+
+def test_grad_limit_is_the_tighter_of_fixed_and_adaptive():
+    from jobs.train import grad_limit
+    base = dict(data_url="x", out="y")
+    assert grad_limit(TrainConfig(**base, grad_clip=0, grad_clip_factor=0), [1.0, 2.0]) == float("inf")
+    assert grad_limit(TrainConfig(**base, grad_clip=0, grad_clip_factor=5), []) == float("inf")  # no history yet
+    assert grad_limit(TrainConfig(**base, grad_clip=0, grad_clip_factor=5), [1.0, 9.0, 2.0]) == 10.0  # 5 x median
+    assert grad_limit(TrainConfig(**base, grad_clip=3, grad_clip_factor=5), [1.0, 9.0, 2.0]) == 3.0
+    assert grad_limit(TrainConfig(**base, grad_clip=30, grad_clip_factor=5), [1.0, 9.0, 2.0]) == 10.0
+
+
+def test_non_finite_gradient_skips_the_update_and_spikes_are_clipped():
+    from jobs.train import clipped_step
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(**TINY_MODEL))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    cfg = TrainConfig(data_url="x", out="y", grad_clip_factor=5)
+    state = {"grad_norms": [], "clipped": 0, "skipped": 0, "step": 0}
+    x = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
+
+    def backward(scale: float = 1.0):
+        opt.zero_grad()
+        (model(x).neg_elbo.mean() * scale).backward()
+
+    backward()
+    norm, limit = clipped_step(model, opt, cfg, state)
+    assert limit == float("inf") and state["grad_norms"] == [norm] and state["clipped"] == 0
+    backward(scale=100.0)  # a spike: 100x the loss, ~100x the gradient norm
+    norm2, limit2 = clipped_step(model, opt, cfg, state)
+    assert limit2 == 5 * norm and norm2 > limit2 and state["clipped"] == 1
+    before = [p.detach().clone() for p in model.parameters()]
+    backward()
+    next(model.parameters()).grad.view(-1)[0] = float("nan")
+    norm3, _ = clipped_step(model, opt, cfg, state)
+    assert norm3 != norm3 and state["skipped"] == 1 and len(state["grad_norms"]) == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # weights untouched
+
+
+def test_bad_grad_clip_settings_are_config_errors(fashion_shards, tmp_path):
+    import pytest
+    from vae_model.errors import ConfigError
+    with pytest.raises(ConfigError, match="grad-clip"):
+        train(_cfg(fashion_shards, tmp_path / "m.safetensors", grad_clip_factor=0.5), progress=False)

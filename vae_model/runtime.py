@@ -7,7 +7,9 @@ activations in anew: on this project's 2-core benchmark machine that cost ~20% o
 batch (benchmarks/BENCHMARKS.md, "allocator"). :func:`tune_allocator` raises the mmap and trim
 thresholds so that freed activation memory is reused from the heap, as jemalloc or tcmalloc
 (which PyTorch's CPU performance guide recommends preloading) would do. The cost is that up to
-the trim threshold of freed memory stays mapped to the process.
+the trim threshold of freed memory stays mapped to the process: long-running loops call
+:func:`release_memory` between units of work (the pipeline does after each shard), which keeps
+their resident size flat however many batches they run.
 
 Off with ``VAEPIPE_TUNE_MALLOC=0``; a no-op where the C library is not glibc.
 """
@@ -39,3 +41,12 @@ def tune_allocator() -> bool:
     except (OSError, AttributeError):
         _done = False
     return _done
+
+
+def release_memory() -> None:
+    """Give the heap's free memory back to the kernel (``malloc_trim``) when tuning is in effect."""
+    if _done:
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
