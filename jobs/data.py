@@ -24,10 +24,13 @@ log = logging.getLogger(__name__)
 
 
 def in_validation(shard: str, key: str, fraction: float, seed: int) -> bool:
-    """Deterministic hash split: the same image is always on the same side."""
+    """Deterministic hash split: the same image is always on the same side, wherever its shard is
+    stored (the hash uses the shard's file name, not its folder or bucket: a copy of the data on
+    another disk or in object storage splits the same way)."""
     if fraction <= 0:
         return False
-    h = hashlib.blake2b(f"{seed}:{shard}:{key}".encode(), digest_size=8).digest()
+    name = shard.rstrip("/").rsplit("/", 1)[-1]
+    h = hashlib.blake2b(f"{seed}:{name}:{key}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") / 2 ** 64 < fraction
 
 
