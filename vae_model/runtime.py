@@ -3,8 +3,8 @@
 glibc's malloc serves allocations above a moving threshold (128 KiB, rising to at most 32 MiB)
 with fresh ``mmap`` pages and hands them back to the kernel on ``free``. A conv VAE's activations
 for a batch of 256 28x28 images are 6-26 MB each, so every forward pass page-faults its
-activations in anew: on this project's 2-core benchmark machine that cost ~20% of a scoring
-batch (benchmarks/BENCHMARKS.md, "allocator"). :func:`tune_allocator` raises the mmap and trim
+activations in anew: on this project's 2-core benchmark machine that cost 15-25% of a scoring
+batch (BENCHMARKS.md, pipeline throughput). :func:`tune_allocator` raises the mmap and trim
 thresholds so that freed activation memory is reused from the heap, as jemalloc or tcmalloc
 (which PyTorch's CPU performance guide recommends preloading) would do. The cost is that up to
 the trim threshold of freed memory stays mapped to the process: long-running loops call
@@ -24,11 +24,12 @@ M_MMAP_THRESHOLD = -3
 THRESHOLD = 256 << 20  # bytes: larger blocks still come from mmap and go back on free
 
 _done: bool | None = None
+_libc: ctypes.CDLL | None = None
 
 
 def tune_allocator() -> bool:
     """Raise glibc's mmap/trim thresholds once per process; True when they are in effect."""
-    global _done
+    global _done, _libc
     if _done is not None:
         return _done
     _done = False
@@ -36,8 +37,8 @@ def tune_allocator() -> bool:
             or platform.libc_ver()[0] != "glibc":
         return _done
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        _done = bool(libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, THRESHOLD))
+        _libc = ctypes.CDLL("libc.so.6")
+        _done = bool(_libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD)) and bool(_libc.mallopt(M_TRIM_THRESHOLD, THRESHOLD))
     except (OSError, AttributeError):
         _done = False
     return _done
@@ -45,8 +46,5 @@ def tune_allocator() -> bool:
 
 def release_memory() -> None:
     """Give the heap's free memory back to the kernel (``malloc_trim``) when tuning is in effect."""
-    if _done:
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+    if _done and _libc is not None:
+        _libc.malloc_trim(0)

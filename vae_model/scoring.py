@@ -82,7 +82,7 @@ def for_scoring(model: VAE, device: torch.device | str = "cpu", precision: str =
     the 1e-5 contract; ``bf16`` is the fast opt-in there.
 
     It also tunes this process's allocator (:func:`vae_model.runtime.tune_allocator`): scoring
-    batches of 256 ran ~1.25x faster on the CPU with activation memory reused instead of
+    batches of 256 ran 1.2-1.3x faster on the CPU with activation memory reused instead of
     page-faulted in anew every batch."""
     tune_allocator()
     device = torch.device(device)
