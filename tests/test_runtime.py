@@ -51,3 +51,27 @@ def test_opt_out_leaves_glibc_defaults():
     r = _probe("0")
     assert r["tuned"] is False
     assert r["mmapped_growth"] >= 40_000_000  # glibc's default: its own mmap
+
+
+RELEASE = textwrap.dedent("""
+    import json, os
+    import torch
+    from vae_model.runtime import release_memory, tune_allocator
+
+    def rss():
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    assert tune_allocator()
+    x = torch.empty(10_000_000, dtype=torch.float32)
+    x.fill_(1.0)  # 40 MB touched, on the heap
+    del x
+    kept = rss()
+    release_memory()
+    print(json.dumps({"freed": kept - rss()}))
+""")
+
+
+def test_release_memory_hands_freed_heap_back():
+    import json
+    env = {k: v for k, v in os.environ.items() if k != "VAEPIPE_TUNE_MALLOC"}
+    out = subprocess.run([sys.executable, "-c", RELEASE], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1])["freed"] >= 30_000_000
