@@ -32,12 +32,13 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def _probe(env_value: str | None) -> dict:
+def _probe(env_value: str | None, script: str = PROBE) -> dict:
+    """Run a script in a fresh interpreter (the allocator is per process); its last line is JSON."""
     import json
     env = {k: v for k, v in os.environ.items() if k != "VAEPIPE_TUNE_MALLOC"}
     if env_value is not None:
         env["VAEPIPE_TUNE_MALLOC"] = env_value
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -71,7 +72,4 @@ RELEASE = textwrap.dedent("""
 
 
 def test_release_memory_hands_freed_heap_back():
-    import json
-    env = {k: v for k, v in os.environ.items() if k != "VAEPIPE_TUNE_MALLOC"}
-    out = subprocess.run([sys.executable, "-c", RELEASE], env=env, capture_output=True, text=True, check=True)
-    assert json.loads(out.stdout.strip().splitlines()[-1])["freed"] >= 30_000_000
+    assert _probe(None, RELEASE)["freed"] >= 30_000_000
