@@ -32,7 +32,7 @@ from vae_model.errors import ConfigError, ImageDecodeError
 from vae_model.runtime import release_memory
 from vae_model.scoring import (SCORES, ScoreOptions, calibration_id, for_scoring, percentile_of, score_batch,
                                threshold_for)
-from vae_model.storage import get_fs, join
+from vae_model.storage import fresh_fs, join
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ class ShardEmbedder:
     def _write_errors(self, spec: ShardSpec, errors: list[dict]) -> None:
         url = self.errors_url(spec)
         if not errors:
-            fs, path = get_fs(url, self.opts.storage_options)
+            fs, path = fresh_fs(url, self.opts.storage_options)
             if fs.exists(path):  # a stale dead-letter file from an earlier run of a changed shard
                 fs.rm(path)
             return

@@ -5,7 +5,7 @@ import datetime as dt
 import json
 from typing import Any
 
-from vae_model.storage import StorageOptions, atomic_write_bytes, get_fs, join
+from vae_model.storage import StorageOptions, atomic_write_bytes, fresh_fs, join
 
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
@@ -45,12 +45,13 @@ def write_manifest(summaries: list[dict], context: dict[str, Any], storage_optio
 
 def clear_success(partition_url: str, storage_options: StorageOptions = None) -> None:
     """Remove ``_SUCCESS`` before a rerun, so a half-done rerun never looks complete."""
-    fs, path = get_fs(join(partition_url, SUCCESS), storage_options)
+    fs, path = fresh_fs(join(partition_url, SUCCESS), storage_options)
     if fs.exists(path):
         fs.rm(path)
 
 
 def read_manifest(partition_url: str, storage_options: StorageOptions = None) -> dict:
-    fs, path = get_fs(join(partition_url, MANIFEST), storage_options)
+    # Written by a worker process; this process may hold a listing of the folder from before.
+    fs, path = fresh_fs(join(partition_url, MANIFEST), storage_options)
     with fs.open(path, "rb") as f:
         return json.loads(f.read())

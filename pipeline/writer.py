@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vae_model.errors import StorageError
-from vae_model.storage import StorageOptions, describe_storage_error, get_fs, is_local
+from vae_model.storage import StorageOptions, describe_storage_error, fresh_fs, get_fs, is_local
 
 COMPRESSION = "zstd"
 
@@ -97,7 +97,7 @@ def remove_stale_temp_files(url: str, storage_options: StorageOptions = None) ->
 
 def read_metadata(url: str, storage_options: StorageOptions = None) -> dict[str, str] | None:
     """The key-value metadata of a Parquet file, or None if it does not exist/is unreadable."""
-    fs, path = get_fs(url, storage_options)
+    fs, path = fresh_fs(url, storage_options)  # may be another process's output
     try:
         with fs.open(path, "rb") as f:
             md = pq.ParquetFile(f).metadata.metadata or {}

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet  # noqa: F401  (pa.parquet)
 import pytest
 from click.testing import CliRunner
 
@@ -139,6 +140,35 @@ def test_scores_do_not_depend_on_where_shards_are_stored(s3_server, s3_run):
     for col in SCALARS:
         np.testing.assert_allclose(np.array(got[col], float), np.array(want[col], float), atol=1e-4, rtol=0,
                                    err_msg=col)
+
+
+def test_reads_what_another_process_wrote_after_this_one_listed(s3_server, s3_bucket):
+    """The driver lists the output folder (progress) while workers write; s3fs answers open/exists
+    from that cached listing, so the manifest a worker wrote once read as missing (a whole run
+    then failed after every shard was done)."""
+    from pipeline.manifest import MANIFEST, SUCCESS, clear_success, read_manifest
+    from pipeline.writer import read_metadata
+    from vae_model.storage import get_fs
+
+    so = s3_server.storage_options
+    part = f"{s3_bucket}/out"
+    other = s3_server.filesystem()  # stands for a worker process: its own client, no shared cache
+    other.pipe_file(f"{_bare(part)}/{SUCCESS}", b"")
+    fs, path = get_fs(part, so)
+    assert [e.rsplit("/", 1)[-1] for e in fs.ls(path)] == [SUCCESS]  # listing now cached here
+    table = pa.table({"x": [1, 2]}).replace_schema_metadata({"vaepipe.counts": "{}"})
+    with other.open(f"{_bare(part)}/shard.parquet", "wb") as f:
+        pa.parquet.write_table(table, f)
+    other.pipe_file(f"{_bare(part)}/{MANIFEST}", json.dumps({"totals": {"rows": 2}}).encode())
+
+    assert read_manifest(part, so) == {"totals": {"rows": 2}}
+    assert read_metadata(f"{part}/shard.parquet", so)["vaepipe.counts"] == "{}"
+    fs.ls(path)  # cached again, now with _SUCCESS in it
+    other.rm(f"{_bare(part)}/{SUCCESS}")
+    other.pipe_file(f"{_bare(part)}/{SUCCESS}", b"")  # rewritten by another run
+    clear_success(part, so)
+    other.invalidate_cache()
+    assert not other.exists(f"{_bare(part)}/{SUCCESS}")
 
 
 def test_train_from_s3_to_s3_with_env_credentials(s3_server, s3_bucket):

@@ -44,6 +44,18 @@ def get_fs(url: str, storage_options: StorageOptions = None) -> tuple[fsspec.Abs
                            f"{hint.get(proto, 'install the fsspec backend for ' + repr(proto))}") from None
 
 
+def fresh_fs(url: str, storage_options: StorageOptions = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """:func:`get_fs` for reading what another process may have written since this one looked.
+
+    fsspec caches filesystem instances and object stores' directory listings; s3fs answers
+    ``info``/``open``/``exists`` from a cached listing of the parent folder, so a file another
+    process committed after that listing looks missing. This drops the path's cached listings.
+    """
+    fs, path = get_fs(url, storage_options)
+    fs.invalidate_cache(path)  # s3fs/gcsfs drop the path and its parents; no-op for local files
+    return fs, path
+
+
 def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """Turn a filesystem-internal path back into a full URL (``s3://b/k``, ``/abs/path``)."""
     return fs.unstrip_protocol(path) if _protocol(fs) not in ("file", "local") else path
