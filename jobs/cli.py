@@ -15,6 +15,7 @@ from typing import Any, Callable
 import click
 
 from vae_model.errors import VaePipeError
+from vae_model.runtime import skip_exit_gc
 from vae_model.storage import parse_storage_options
 
 
@@ -72,6 +73,7 @@ def cli(verbose: int) -> None:
       vaepipe train shards/ --out runs/fmnist/model.safetensors --epochs 5
       vaepipe evaluate shards/ --checkpoint runs/fmnist/model.safetensors
     """
+    skip_exit_gc()  # ~0.3 s less at exit once torch/Beam are loaded (vae_model.runtime)
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
@@ -315,7 +317,7 @@ def embed(ctx: click.Context, data_url: str, checkpoint_url: str, out_url: str, 
           --out s3://bucket/latents/ --run-date 2026-11-28 \\
           --direct_num_workers=2 --direct_running_mode=multi_processing
     """
-    from pipeline.embed import EmbedOptions
+    from pipeline.options import EmbedOptions
     from pipeline.run import run_embed
 
     logging.getLogger("pipeline").setLevel(logging.INFO)

@@ -8,89 +8,31 @@ letter; the counts go into the file's metadata and the returned summary.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
 import queue
-import re
 import threading
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from pipeline.decode import decode_image
+from pipeline.options import EmbedOptions, check_score_supported, options_dict, output_name  # noqa: F401 (API)
 from pipeline.schema import ERROR_SCHEMA, latent_schema
 from pipeline.shards import ShardSpec, iter_members
 from pipeline.writer import AtomicParquetWriter, read_metadata
 from vae_model.checkpoint import Checkpoint, load_checkpoint
-from vae_model.errors import ConfigError, ImageDecodeError
+from vae_model.errors import ImageDecodeError
 from vae_model.runtime import release_memory
-from vae_model.scoring import (SCORES, ScoreOptions, calibration_id, for_scoring, percentile_of, score_batch,
+from vae_model.scoring import (ScoreOptions, calibration_id, for_scoring, percentile_of, score_batch,
                                threshold_for)
 from vae_model.storage import fresh_fs, join
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EmbedOptions:
-    """Everything a worker needs to embed shards (picklable: shipped to Beam workers)."""
-
-    checkpoint: str
-    out_url: str
-    batch_size: int = 256
-    device: str = "auto"  # auto | cpu | cuda
-    score: str = "elbo"  # elbo | iwae | complexity
-    iwae_k: int = 64
-    threshold_quantile: float = 0.99
-    run_date: str | None = None  # YYYY-MM-DD: output goes under dt=YYYY-MM-DD/
-    skip_existing: bool = True
-    precision: str = "auto"  # auto | fp32 | bf16
-    torch_threads: int = 0  # 0: torch's default
-    seed: int = 0
-    storage_options: dict[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError("--batch-size must be >= 1")
-        if self.score not in SCORES:
-            raise ConfigError(f"--score {self.score}: choose one of {', '.join(SCORES)}")
-        if self.iwae_k < 1:
-            raise ConfigError("--iwae-k must be >= 1")
-        if not 0 < self.threshold_quantile < 1:
-            raise ConfigError("--threshold-quantile must be between 0 and 1, e.g. 0.99")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError("--device must be auto, cpu or cuda")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda: no CUDA device is available here; use --device auto or cpu")
-        if self.run_date is not None:
-            try:
-                dt.date.fromisoformat(self.run_date)
-            except ValueError:
-                raise ConfigError(f"--run-date {self.run_date!r}: use YYYY-MM-DD") from None
-
-    @property
-    def partition_url(self) -> str:
-        return join(self.out_url, f"dt={self.run_date}") if self.run_date else self.out_url
-
-    @property
-    def errors_url(self) -> str:
-        base = join(self.out_url, "errors")
-        return join(base, f"dt={self.run_date}") if self.run_date else base
-
-
-def output_name(spec: ShardSpec) -> str:
-    """Deterministic, unique file name for a shard's output: readable stem + hash of its URL."""
-    stem = spec.name.rstrip("/").rsplit("/", 1)[-1]
-    stem = re.sub(r"\.(tar|parquet|tgz|tar\.gz)$", "", stem)
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)[:80] or "shard"
-    digest = hashlib.sha256(spec.name.encode()).hexdigest()[:10]
-    return f"{stem}-{digest}.parquet"
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -135,15 +77,6 @@ class _Prefetch:
                     raise self.exc
                 return
             yield item
-
-
-def check_score_supported(opts: EmbedOptions, ckpt: Checkpoint) -> dict | None:
-    """The typicality reference the score needs, or a ConfigError if the checkpoint lacks it."""
-    reference = ckpt.meta.get("typicality")
-    if opts.score == "typicality" and not reference:
-        raise ConfigError(f"{opts.checkpoint} has no typicality reference (trained by an older vaepipe?); "
-                          "retrain it or use --score complexity")
-    return reference
 
 
 class ShardEmbedder:
@@ -263,6 +196,7 @@ class ShardEmbedder:
                 log.info("skip %s: output exists for model %s", spec.name, self.ckpt.model_id)
                 return done
         t0 = time.monotonic()
+        started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
         so = self.opts.storage_options
         errors: list[dict] = []
         writer = AtomicParquetWriter(self.rows_url(spec), self.schema, so)
@@ -289,7 +223,7 @@ class ShardEmbedder:
         log.info("shard %s: %d rows, %d errors in %.2fs (%.0f img/s)", spec.name, counts["rows"], counts["errors"],
                  secs, counts["images_seen"] / max(secs, 1e-9))
         return {"shard": spec.name, "output": self.rows_url(spec), **counts, "skipped": False,
-                "seconds": round(secs, 4), "pid": os.getpid()}
+                "started_at": started, "seconds": round(secs, 4), "pid": os.getpid()}
 
     def _write_errors(self, spec: ShardSpec, errors: list[dict]) -> None:
         url = self.errors_url(spec)
@@ -301,9 +235,3 @@ class ShardEmbedder:
         w = AtomicParquetWriter(url, ERROR_SCHEMA, self.opts.storage_options)
         w.write(pa.RecordBatch.from_pylist(errors, schema=ERROR_SCHEMA))
         w.commit({"vaepipe.model_id": self.ckpt.model_id, "vaepipe.shard": spec.name})
-
-
-def options_dict(opts: EmbedOptions) -> dict:
-    d = asdict(opts)
-    d.pop("storage_options", None)  # may hold credentials
-    return d

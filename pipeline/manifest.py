@@ -22,7 +22,7 @@ def build_manifest(summaries: list[dict], context: dict[str, Any]) -> dict[str, 
     worked = [s for s in shards if not s.get("skipped")]
     return {
         **{k: v for k, v in context.items() if k != "inputs"},
-        "finished_at": finished.isoformat(timespec="seconds"),
+        "finished_at": finished.isoformat(timespec="milliseconds"),
         "seconds": round(secs, 3),
         "images_per_s": round(sum(s["images_seen"] for s in worked) / secs, 2) if secs > 0 else None,
         "worker_processes": len({s.get("pid") for s in worked}),

@@ -20,14 +20,14 @@ from typing import Callable
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
-from pipeline.embed import EmbedOptions, check_score_supported, options_dict, output_name
+from pipeline.options import EmbedOptions, check_score_supported, options_dict, output_name
 from pipeline.progress import Progress, ProgressWatcher
 from pipeline.manifest import clear_success, read_manifest
 from pipeline.shards import expand_shards
 from pipeline.writer import remove_stale_temp_files
 from pipeline.transforms import EmbedShards, ReadImageShards, WriteManifest
-from vae_model.checkpoint import load_checkpoint
-from vae_model.scoring import SCORES
+from vae_model.checkpoint_header import inspect_checkpoint
+from vae_model.config import SCORES
 from vae_model.errors import StorageError
 from vae_model.storage import describe_storage_error, get_fs, join, parse_storage_options
 
@@ -65,7 +65,7 @@ def run_embed(data_url: str, opts: EmbedOptions, beam_args: list[str] | None = N
     ``on_progress`` is called every few seconds with shards done/total and images/s, as read
     from the committed output files (shards skipped as already done are not counted)."""
     so = opts.storage_options
-    ckpt = load_checkpoint(opts.checkpoint, so)  # fail fast: unreadable/tampered checkpoint
+    ckpt = inspect_checkpoint(opts.checkpoint, so)  # fail fast: unreadable/tampered checkpoint (no torch here)
     check_score_supported(opts, ckpt)
     specs = expand_shards(data_url, so)  # fail fast: no shards, missing bucket, bad credentials
     _check_writable(opts.out_url, so)
@@ -85,7 +85,7 @@ def run_embed(data_url: str, opts: EmbedOptions, beam_args: list[str] | None = N
         "data_url": data_url, "checkpoint": opts.checkpoint, "model_id": ckpt.model_id,
         "out_url": opts.out_url, "partition_url": opts.partition_url, "errors_url": opts.errors_url,
         "run_date": opts.run_date, "runner": str(runner), "options": options_dict(opts),
-        "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
         "inputs": [s.name for s in specs],
     }
     log.info("embedding %d shards from %s with model %s on %s", len(specs), data_url, ckpt.model_id, runner)

@@ -78,3 +78,63 @@ def test_no_partial_file_at_final_path(model, tmp_path):
     assert leftovers == ["m.safetensors"]
     fs = fsspec.filesystem("memory")
     del fs
+
+
+# -- vae_model.checkpoint_header: the same checks without torch ---------------------------------
+
+
+def test_inspect_agrees_with_a_full_load(model, tmp_path):
+    from vae_model.checkpoint_header import inspect_checkpoint
+
+    url = str(tmp_path / "m.safetensors")
+    mid = save_checkpoint(model, url, {"epochs": 2, "score_quantiles": {"elbo": {"0.99": 1.5}}})
+    info, ckpt = inspect_checkpoint(url), load_checkpoint(url)
+    assert (info.model_id, info.config, info.meta) == (mid, ckpt.config, ckpt.meta)
+    assert info.score_quantiles == ckpt.score_quantiles == {"elbo": {"0.99": 1.5}}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])
+def test_raw_bytes_hash_equals_the_tensor_hash(dtype):
+    """The header module hashes the file's raw bytes; saving hashes tensors: both must agree."""
+    import json
+
+    from safetensors.torch import save as st_save
+
+    from vae_model.checkpoint import compute_model_id
+    from vae_model.checkpoint_header import parse_checkpoint
+
+    cfg_json = json.dumps(VAEConfig(image_size=16, widths=(4, 8), latent_dim=4, hidden_dim=16).to_dict(),
+                          sort_keys=True)
+    tensors = {"b": (torch.arange(12).reshape(3, 4) * 3).to(dtype), "a": torch.ones(5).to(dtype),
+               "scalar": torch.tensor(7).to(dtype)}
+    header = {"vaepipe.format": "1", "vaepipe.config": cfg_json, "vaepipe.model_id": compute_model_id(cfg_json, tensors)}
+    info = parse_checkpoint(st_save(tensors, metadata=header))
+    assert info.model_id == header["vaepipe.model_id"]
+
+
+def test_inspect_refuses_what_a_full_load_refuses(model):
+    import json
+
+    from vae_model.checkpoint_header import parse_checkpoint
+
+    data, _ = to_bytes(model)
+    tampered = bytearray(data)
+    tampered[-100] ^= 0x01
+    with pytest.raises(CheckpointError, match="content hash mismatch"):
+        parse_checkpoint(bytes(tampered))
+    with pytest.raises(CheckpointError, match="truncated"):
+        parse_checkpoint(data[: len(data) // 2])
+    # a header whose byte ranges point past the end of the file
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    begin, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [begin, end + 10**6]
+    raw = json.dumps(header).encode()
+    with pytest.raises(CheckpointError, match="does not fit the file"):
+        parse_checkpoint(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+    with pytest.raises(CheckpointError, match="not a safetensors checkpoint"):
+        parse_checkpoint(b"hello world, not a model")
+    from safetensors.torch import save as st_save
+    with pytest.raises(CheckpointError, match="not a vaepipe checkpoint"):
+        parse_checkpoint(st_save({"w": torch.ones(2)}))

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.embed import EmbedOptions
+from pipeline.options import EmbedOptions
 from pipeline.run import run, run_embed
 from vae_model.checkpoint import load_checkpoint, save_checkpoint
 from vae_model.errors import CheckpointError, NoShardsError, StorageError

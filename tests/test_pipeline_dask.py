@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.dataset as pads
 import pytest
 
-from pipeline.embed import EmbedOptions
+from pipeline.options import EmbedOptions
 from pipeline.run import run_embed
 from pipeline.shards import write_shards
 

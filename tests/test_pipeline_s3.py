@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from jobs.cli import cli
-from pipeline.embed import EmbedOptions
+from pipeline.options import EmbedOptions
 from pipeline.run import run_embed
 from pipeline.shards import write_shards
 from vae_model.checkpoint import load_checkpoint, save_checkpoint

@@ -73,3 +73,26 @@ RELEASE = textwrap.dedent("""
 
 def test_release_memory_hands_freed_heap_back():
     assert _probe(None, RELEASE)["freed"] >= 30_000_000
+
+
+# atexit runs handlers last-registered-first: this one, registered before skip_exit_gc's,
+# runs after it and sees whether the heap was frozen (the final collection then skips it).
+EXIT = textwrap.dedent("""
+    import atexit, gc, json
+    atexit.register(lambda: print(json.dumps({"frozen": gc.get_freeze_count(), "on": on})))
+    import torch  # a heap worth skipping
+    from vae_model.runtime import skip_exit_gc
+    on = skip_exit_gc() and skip_exit_gc()
+""")
+
+
+@pytest.mark.parametrize("value, frozen", [(None, True), ("1", False)])
+def test_skip_exit_gc_freezes_the_heap_at_exit(value, frozen):
+    import json
+    env = {k: v for k, v in os.environ.items() if k != "VAEPIPE_EXIT_GC"}
+    if value is not None:
+        env["VAEPIPE_EXIT_GC"] = value
+    out = subprocess.run([sys.executable, "-c", EXIT], env=env, capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["on"] is frozen
+    assert (r["frozen"] > 100_000) is frozen  # torch alone leaves hundreds of thousands of objects

@@ -1,9 +1,27 @@
-"""vae_model: a convolutional VAE with per-sample ELBO/IWAE, safe checkpoints and batch scoring."""
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .config import VAEConfig
-from .distributions import BernoulliPixels, DiagonalGaussian, DiscretizedLogisticPixels
-from .errors import CheckpointError, ConfigError, VaePipeError
-from .model import VAE, ElboTerms
+"""vaepipe's model package: a convolutional VAE with per-sample ELBO/IWAE, safe checkpoints and batch scoring.
 
-__all__ = ["VAE", "VAEConfig", "ElboTerms", "DiagonalGaussian", "BernoulliPixels", "DiscretizedLogisticPixels",
-           "Checkpoint", "load_checkpoint", "save_checkpoint", "CheckpointError", "ConfigError", "VaePipeError"]
+Names are imported on first use, so that ``import vae_model.errors`` (the CLI) or
+:mod:`vae_model.checkpoint_header` (the Beam driver) does not import torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
+    "CheckpointInfo": "checkpoint_header", "inspect_checkpoint": "checkpoint_header",
+    "VAEConfig": "config",
+    "BernoulliPixels": "distributions", "DiagonalGaussian": "distributions", "DiscretizedLogisticPixels": "distributions",
+    "CheckpointError": "errors", "ConfigError": "errors", "VaePipeError": "errors",
+    "VAE": "model", "ElboTerms": "model",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vae_model' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -6,13 +6,13 @@ Layout: the safetensors header's string metadata holds
   ``vaepipe.meta``     training metadata as JSON (data URL + fingerprint, epochs, steps, validation
                        ELBO, validation score quantiles, package version, created_at, ...),
   ``vaepipe.model_id`` sha256 over the config JSON and every tensor's name, dtype, shape and bytes.
-Loading never unpickles anything; the model_id is recomputed and a mismatch is refused. The file
+Loading never unpickles anything; the model_id is recomputed and a mismatch is refused
+(:mod:`vae_model.checkpoint_header` does those checks without torch). The file
 is written in one atomic step (temp file + rename locally, a single PUT on object stores).
 """
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,11 +23,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .config import VAEConfig
-from .errors import CheckpointError, ConfigError, StorageError
+from .checkpoint_header import FORMAT_VERSION, model_id_of, parse_checkpoint, read_checkpoint_bytes
+from .errors import CheckpointError
 from .model import VAE
-from .storage import StorageOptions, atomic_write_bytes, read_bytes
-
-FORMAT_VERSION = "1"
+from .storage import StorageOptions, atomic_write_bytes
 
 
 @dataclass
@@ -61,14 +60,11 @@ def _state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def compute_model_id(config_json: str, tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    h.update(b"vaepipe-model-v1\0")
-    h.update(config_json.encode())
-    for name in sorted(tensors):
-        t = tensors[name]
-        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
-    return h.hexdigest()[:32]
+    """The content hash of a state dict (the same as :func:`checkpoint_header.model_id_of` on its file)."""
+    def raw(t: torch.Tensor) -> bytes:
+        return t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes()
+
+    return model_id_of(config_json, [(name, str(t.dtype), tuple(t.shape), raw(t)) for name, t in tensors.items()])
 
 
 def to_bytes(model: VAE, meta: dict[str, Any] | None = None) -> tuple[bytes, str]:
@@ -97,54 +93,26 @@ def save_checkpoint(model: VAE, url: str, meta: dict[str, Any] | None = None,
 
 
 def from_bytes(data: bytes, source: str = "<bytes>", map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Parse and verify checkpoint bytes (see module docstring)."""
-    if len(data) < 8:
-        raise CheckpointError(f"{source}: not a vaepipe checkpoint (file is {len(data)} bytes; truncated?)")
-    header_len = int.from_bytes(data[:8], "little")
-    if header_len <= 0 or 8 + header_len > len(data):
-        raise CheckpointError(f"{source}: truncated or not a safetensors checkpoint (header says {header_len} bytes, "
-                              f"file has {len(data)})")
+    """Parse and verify checkpoint bytes (see module docstring), then rebuild the model."""
+    info = parse_checkpoint(data, source)
     try:
-        header = json.loads(data[8:8 + header_len])
         tensors = st_load(data)
-    except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
+    except (SafetensorError, ValueError) as exc:
         raise CheckpointError(f"{source}: corrupt or truncated checkpoint ({str(exc).splitlines()[0]})") from None
-    meta_hdr = header.get("__metadata__") or {}
-    fmt = meta_hdr.get("vaepipe.format")
-    if fmt is None:
-        raise CheckpointError(f"{source}: a safetensors file, but not a vaepipe checkpoint (no vaepipe.format)")
-    if fmt != FORMAT_VERSION:
-        raise CheckpointError(f"{source}: checkpoint format {fmt} is not supported by this vaepipe "
-                              f"(supports {FORMAT_VERSION}); upgrade vaepipe")
-    config_json = meta_hdr.get("vaepipe.config", "")
-    expected = meta_hdr.get("vaepipe.model_id", "")
-    actual = compute_model_id(config_json, tensors)
-    if actual != expected:
-        raise CheckpointError(f"{source}: content hash mismatch (model_id {expected or '?'} recorded, {actual} "
-                              "computed): the checkpoint was modified or corrupted; retrain or restore it")
-    try:
-        config = VAEConfig.from_dict(json.loads(config_json))
-        meta = json.loads(meta_hdr.get("vaepipe.meta", "{}"))
-    except (ConfigError, TypeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{source}: incompatible checkpoint config ({exc})") from None
-    model = VAE(config)
+    model = VAE(info.config)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{source}: weights do not match the config "
                               f"({str(exc).splitlines()[0]}); incompatible vaepipe version?") from None
     model.to(map_location).eval()
-    return Checkpoint(model=model, config=config, meta=meta, model_id=expected)
+    return Checkpoint(model=model, config=info.config, meta=info.meta, model_id=info.model_id)
 
 
 def load_checkpoint(url: str, storage_options: StorageOptions = None,
                     map_location: str | torch.device = "cpu") -> Checkpoint:
     """Read and verify a checkpoint from any fsspec URL."""
-    try:
-        data = read_bytes(url, storage_options)
-    except StorageError as exc:
-        raise CheckpointError(f"cannot read checkpoint {exc}") from None
-    return from_bytes(data, source=url, map_location=map_location)
+    return from_bytes(read_checkpoint_bytes(url, storage_options), source=url, map_location=map_location)
 
 
 def update_meta(url: str, updates: dict[str, Any], storage_options: StorageOptions = None) -> str:

@@ -7,6 +7,7 @@ from typing import Any
 from .errors import ConfigError
 
 LIKELIHOODS = ("bernoulli", "discretized_logistic")
+SCORES = ("elbo", "iwae", "complexity", "typicality")  # anomaly scores (vae_model.scoring computes them)
 MIN_SIZE, MAX_SIZE = 16, 256
 
 

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .config import SCORES
 from .model import VAE, noise_for_keys
 from .runtime import tune_allocator
 from .typicality import TypicalityReference
 
-SCORES = ("elbo", "iwae", "complexity", "typicality")
 QUANTILES = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
 LN2 = math.log(2.0)
 
