@@ -21,7 +21,7 @@ import pyarrow as pa
 import torch
 
 from pipeline.decode import decode_image
-from pipeline.options import EmbedOptions, check_score_supported, options_dict, output_name  # noqa: F401 (API)
+from pipeline.options import EmbedOptions, check_score_supported, output_name
 from pipeline.schema import ERROR_SCHEMA, latent_schema
 from pipeline.shards import ShardSpec, iter_members
 from pipeline.writer import AtomicParquetWriter, read_metadata

@@ -35,7 +35,7 @@ class EmbedOptions:
     out_url: str
     batch_size: int = 256
     device: str = "auto"  # auto | cpu | cuda
-    score: str = "elbo"  # elbo | iwae | complexity
+    score: str = "elbo"  # elbo | iwae | complexity | typicality
     iwae_k: int = 64
     threshold_quantile: float = 0.99
     run_date: str | None = None  # YYYY-MM-DD: output goes under dt=YYYY-MM-DD/
