@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from ood_metrics import auprc, auroc, fpr_at_tpr  # noqa: E402
 from jobs.train import TrainConfig, train  # noqa: E402
-from pipeline.embed import EmbedOptions  # noqa: E402
+from pipeline.options import EmbedOptions  # noqa: E402
 from pipeline.idx import read_idx  # noqa: E402
 from pipeline.run import run_embed  # noqa: E402
 from pipeline.shards import write_shards  # noqa: E402

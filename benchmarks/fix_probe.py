@@ -29,7 +29,7 @@ def child_channels_last(data: str, out: str, ck: str) -> None:
     import torch
 
     import pipeline.embed as embed
-    from pipeline.embed import EmbedOptions
+    from pipeline.options import EmbedOptions
     from pipeline.run import run_embed
 
     init, score = embed.ShardEmbedder.__init__, embed.score_batch
