@@ -9,16 +9,13 @@ import datetime as dt
 import hashlib
 import re
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pipeline.shards import ShardSpec
 from vae_model.checkpoint_header import CheckpointInfo
 from vae_model.config import SCORES
 from vae_model.errors import ConfigError
 from vae_model.storage import join
-
-if TYPE_CHECKING:
-    from vae_model.checkpoint import Checkpoint
 
 
 def _cuda_available() -> bool:
@@ -83,7 +80,7 @@ def output_name(spec: ShardSpec) -> str:
     return f"{stem}-{digest}.parquet"
 
 
-def check_score_supported(opts: EmbedOptions, ckpt: CheckpointInfo | Checkpoint) -> dict | None:
+def check_score_supported(opts: EmbedOptions, ckpt: CheckpointInfo) -> dict | None:
     """The typicality reference the score needs, or a ConfigError if the checkpoint lacks it."""
     reference = ckpt.meta.get("typicality")
     if opts.score == "typicality" and not reference:

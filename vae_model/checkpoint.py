@@ -22,26 +22,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .config import VAEConfig
-from .checkpoint_header import FORMAT_VERSION, model_id_of, parse_checkpoint, read_checkpoint_bytes
+from .checkpoint_header import FORMAT_VERSION, CheckpointInfo, model_id_of, parse_checkpoint, read_checkpoint_bytes
 from .errors import CheckpointError
 from .model import VAE
 from .storage import StorageOptions, atomic_write_bytes
 
 
 @dataclass
-class Checkpoint:
+class Checkpoint(CheckpointInfo):
     """A loaded checkpoint: the rebuilt model plus everything saved beside it."""
 
-    model: VAE
-    config: VAEConfig
-    meta: dict[str, Any] = field(default_factory=dict)
-    model_id: str = ""
-
-    @property
-    def score_quantiles(self) -> dict[str, dict[str, float]]:
-        """Validation quantiles per anomaly score name: {score: {"0.5": v, "0.99": v, ...}}."""
-        return self.meta.get("score_quantiles", {})
+    model: VAE = field(default=None, kw_only=True)  # type: ignore[assignment]  (always set by from_bytes)
 
 
 def package_version() -> str:
