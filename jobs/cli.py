@@ -309,13 +309,13 @@ def embed(ctx: click.Context, data_url: str, checkpoint_url: str, out_url: str, 
 
     Writes one zstd Parquet file per input shard under OUT (one row per image), dead letters
     under OUT/errors/, then OUT/_manifest.json and OUT/_SUCCESS. Any other flag goes to Beam's
-    PipelineOptions (--runner, --direct_num_workers, --dask_client_address, ...).
+    PipelineOptions (--runner, --direct_num_workers, --dask_client_address, ...). Locally on a
+    CPU machine it runs min(cores, shards, 8) worker processes unless --direct_* flags say otherwise.
 
     \b
     Example:
       vaepipe embed 's3://bucket/images/*.tar' --checkpoint s3://bucket/m.safetensors \\
-          --out s3://bucket/latents/ --run-date 2026-11-28 \\
-          --direct_num_workers=2 --direct_running_mode=multi_processing
+          --out s3://bucket/latents/ --run-date 2026-11-28
     """
     from pipeline.options import EmbedOptions
     from pipeline.run import run_embed
@@ -328,7 +328,7 @@ def embed(ctx: click.Context, data_url: str, checkpoint_url: str, out_url: str, 
     def show(progress) -> None:
         click.echo(f"  {progress}", err=True)
 
-    manifest = run_embed(data_url, opts, list(ctx.args), on_progress=show)
+    manifest = run_embed(data_url, opts, list(ctx.args), on_progress=show, use_local_cores=True)
     t = manifest["totals"]
     click.echo(f"{t['shards']} shards ({t['shards_skipped']} skipped), {t['images_seen']} images: "
                f"{t['rows']} rows, {t['errors']} dead letters, {manifest['images_per_s']} img/s "

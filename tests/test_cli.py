@@ -110,3 +110,22 @@ def test_bad_input_gives_one_line_error_and_nonzero_exit(case, tmp_path, tiny_ch
 def test_python_dash_m_jobs_works():
     res = _run("--version")
     assert res.returncode == 0 and res.stdout.startswith("vaepipe ")
+
+
+def test_embed_uses_the_local_cores_by_default(fashion_shards, tiny_checkpoint, tmp_path):
+    """Without --direct_* flags the DirectRunner gets one worker process per core (up to the
+    number of shards), not Beam's single process."""
+    import os
+
+    from pipeline.run import _gpu_present
+
+    if _gpu_present():
+        pytest.skip("a GPU machine scores in one process by default")
+    res = invoke("embed", fashion_shards, "--checkpoint", tiny_checkpoint, "--out", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["totals"]["rows"] == 600 and manifest["reconciled"]
+    workers = min(os.cpu_count() or 1, 3)  # 3 shards
+    assert manifest["worker_processes"] == workers
+    if workers > 1:
+        assert os.getpid() not in {s["pid"] for s in manifest["shards"]}
