@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import common  # noqa: E402
 from ood_metrics import auprc, auroc, fpr_at_tpr  # noqa: E402
 from jobs.train import TrainConfig, train  # noqa: E402
 from pipeline.options import EmbedOptions  # noqa: E402
@@ -51,10 +52,8 @@ def _write_idx(path: Path, arr: np.ndarray) -> None:
 
 
 def shards(src: Path, name: str, limit: int | None) -> str:
-    out = BENCH / name
-    if not any(out.glob("*.tar")):
-        write_shards(str(src), str(out), fmt="tar", shard_size=2500, limit=limit)
-    return str(out)
+    return str(common.build_once(BENCH / name, lambda d: write_shards(str(src), str(d), fmt="tar", shard_size=2500,
+                                                                       limit=limit)))
 
 
 def without_class(holdout: int) -> Path:
@@ -72,7 +71,7 @@ def without_class(holdout: int) -> Path:
 
 
 def train_model(data: str, out: Path, budget: float) -> str:
-    if not out.exists():
+    if not common.trained(out):
         train(TrainConfig(data_url=data, out=str(out), epochs=1000, time_limit=budget, patience=1000,
                           batch_size=128, lr_schedule="cosine", val_fraction=0.1, quantile_images=10000,
                           quantile_iwae_k=16,

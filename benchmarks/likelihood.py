@@ -20,7 +20,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import common  # noqa: E402
 from jobs.evaluate import EvalOptions, evaluate  # noqa: E402
 from jobs.train import TrainConfig, train  # noqa: E402
 from pipeline.shards import write_shards  # noqa: E402
@@ -31,9 +33,8 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
 def _shards(src: Path, out: Path, limit: int | None) -> str:
-    if not out.exists():
-        write_shards(str(src), str(out), fmt="tar", shard_size=5000, limit=limit)
-    return str(out)
+    return str(common.build_once(out, lambda d: write_shards(str(src), str(d), fmt="tar", shard_size=5000,
+                                                              limit=limit)))
 
 
 def _find_mnist() -> Path:

@@ -56,7 +56,6 @@ def child(variant: str, n: int, epochs: int, seed: int) -> dict:
     import torch
 
     from jobs.train import TrainConfig, evaluate_tensor, train
-    from vae_model.checkpoint import load_checkpoint
     from vae_model.config import VAEConfig
     from vae_model.model import VAE
 
