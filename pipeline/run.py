@@ -49,6 +49,14 @@ def _check_writable(url: str, storage_options: dict | None) -> None:
 MAX_LOCAL_WORKERS = 8  # each CPU worker process holds a model and its buffers (~0.7 GB RSS here)
 
 
+def _cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. under taskset or a cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def _gpu_present() -> bool:
     """An NVIDIA GPU on this machine? A cheap check that imports nothing (the driver has no torch)."""
     return os.path.exists("/proc/driver/nvidia/gpus") or os.path.exists("/dev/nvidia0")
@@ -70,7 +78,7 @@ def local_parallelism_args(beam_args: list[str], n_shards: int, device: str = "a
         return []
     if device == "cuda" or (device == "auto" and _gpu_present()):
         return []
-    workers = min(os.cpu_count() or 1, n_shards, MAX_LOCAL_WORKERS)
+    workers = min(_cores(), n_shards, MAX_LOCAL_WORKERS)
     if workers < 2:
         return []
     return [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]
@@ -81,9 +89,9 @@ def _threads_per_worker(options: PipelineOptions) -> int:
     direct = options.view_as(DirectOptions)
     if (direct.direct_running_mode or "") == "multi_processing":
         workers = direct.direct_num_workers or 1
-        if workers <= 0:
+        if workers <= 0:  # Beam then starts one worker per CPU it counts
             workers = os.cpu_count() or 1
-        return max(1, (os.cpu_count() or 1) // workers)
+        return max(1, _cores() // workers)
     return 0
 
 

@@ -117,7 +117,7 @@ def test_embed_uses_the_local_cores_by_default(fashion_shards, tiny_checkpoint, 
     number of shards), not Beam's single process."""
     import os
 
-    from pipeline.run import _gpu_present
+    from pipeline.run import _cores, _gpu_present
 
     if _gpu_present():
         pytest.skip("a GPU machine scores in one process by default")
@@ -125,7 +125,7 @@ def test_embed_uses_the_local_cores_by_default(fashion_shards, tiny_checkpoint, 
     assert res.exit_code == 0, res.output
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert manifest["totals"]["rows"] == 600 and manifest["reconciled"]
-    workers = min(os.cpu_count() or 1, 3)  # 3 shards
+    workers = min(_cores(), 3)  # 3 shards
     assert manifest["worker_processes"] == workers
     if workers > 1:
         assert os.getpid() not in {s["pid"] for s in manifest["shards"]}

@@ -10,7 +10,7 @@ from pipeline.run import MAX_LOCAL_WORKERS, local_parallelism_args
 @pytest.fixture
 def cpu_box(monkeypatch):
     """Pretend to be a CPU-only machine with 4 cores (the policy reads only these two facts)."""
-    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(run, "_cores", lambda: 4)
     monkeypatch.setattr(run, "_gpu_present", lambda: False)
 
 
@@ -35,6 +35,20 @@ def test_explicit_settings_other_runners_and_gpus_are_left_alone(cpu_box, monkey
 
 
 def test_worker_count_is_capped(monkeypatch):
-    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(run, "_cores", lambda: 64)
     monkeypatch.setattr(run, "_gpu_present", lambda: False)
     assert local_parallelism_args([], 1000)[0] == f"--direct_num_workers={MAX_LOCAL_WORKERS}"
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs CPU affinity and 2+ cores")
+def test_a_process_pinned_to_one_core_runs_one_worker():
+    """Under taskset/cpusets the count follows the cores the process may use, not the machine's."""
+    import subprocess
+    import sys
+
+    script = ("import json, os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+              "from pipeline import run; run._gpu_present = lambda: False; "
+              "print(json.dumps(run.local_parallelism_args([], 10)))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
