@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pipeline.writer import read_metadata
-from vae_model.storage import StorageOptions, get_fs
+from vae_model.storage import StorageOptions, fresh_fs
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,8 @@ class ProgressWatcher:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _listing(self) -> dict[str, tuple]:
-        fs, path = get_fs(self.folder, self.so)
+        fs, path = fresh_fs(self.folder, self.so)  # workers write here: never a cached listing
         try:
-            fs.invalidate_cache(path)
             entries = fs.ls(path, detail=True)
         except FileNotFoundError:
             return {}

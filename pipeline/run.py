@@ -29,7 +29,7 @@ from pipeline.transforms import EmbedShards, ReadImageShards, WriteManifest
 from vae_model.checkpoint_header import inspect_checkpoint
 from vae_model.config import SCORES
 from vae_model.errors import StorageError
-from vae_model.storage import describe_storage_error, get_fs, join, parse_storage_options
+from vae_model.storage import describe_storage_error, get_fs, is_local, join, parse_storage_options
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def _check_writable(url: str, storage_options: dict | None) -> None:
     probe = join(url, f"_vaepipe_write_probe-{uuid.uuid4().hex}")
     fs, path = get_fs(probe, storage_options)
     try:
-        if fs.protocol in ("file", "local") or "file" in fs.protocol:
+        if is_local(fs):
             os.makedirs(os.path.dirname(path), exist_ok=True)
         fs.pipe_file(path, b"")
         fs.rm(path)
