@@ -17,6 +17,12 @@ from vae_model.config import SCORES
 from vae_model.errors import ConfigError
 from vae_model.storage import join
 
+# Read limits (documented in README, "Nothing lost, safe reruns"). 40 Mpx is a 7,700 x 5,200 photo,
+# well below Pillow's bomb limit (89 Mpx warn, 179 Mpx error); decoded RGBA that is 160 MB.
+DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_MEMBER_BYTES = 64 << 20
+DEFAULT_MAX_SIDECAR_BYTES = 1 << 20
+
 
 def _cuda_available() -> bool:
     import torch
@@ -40,6 +46,9 @@ class EmbedOptions:
     precision: str = "auto"  # auto | fp32 | bf16
     torch_threads: int = 0  # 0: torch's default
     seed: int = 0
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images (width x height) become dead letters
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES  # larger encoded images become dead letters
+    max_sidecar_bytes: int = DEFAULT_MAX_SIDECAR_BYTES  # larger .json/.cls sidecars become dead letters
     storage_options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
