@@ -4,11 +4,13 @@ What it stores in the checkpoint's metadata (the weights, hence the model_id, ar
   ``score_quantiles``  quantiles of every score, for ``anomaly_percentile`` / ``is_anomaly``
   ``typicality``       the reference of the ``typicality`` score (see vae_model.typicality)
   ``calibration``      where the images came from, how many, and a content id of the above
+and seals the statistics with ``vaepipe.calibration_id`` (vae_model.checkpoint_header).
 
 Training calls it on its validation split at the end. ``vaepipe calibrate`` runs it again on
 other held-out images: more of them (the typicality densities sharpen with more points), or
-fresher ones when the normal data drifts. Pipeline outputs record the calibration id, so a rerun
-after a recalibration rescores instead of skipping.
+fresher ones when the normal data drifts, or statistics that a reader refuses (unsealed ones of
+an older vaepipe, or edited ones): those are discarded and refitted. Pipeline outputs record the
+calibration id, so a rerun after a recalibration rescores instead of skipping.
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ import datetime as _dt
 import torch
 
 from jobs.data import ShardImageDataset, list_specs, load_tensor
-from vae_model.checkpoint import Checkpoint, load_checkpoint, update_meta
-from vae_model.errors import ConfigError
+from vae_model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from vae_model.errors import ConfigError, VaePipeError
 from vae_model.scoring import ScoreOptions, calibration_id, fit_reference
 from vae_model.storage import StorageOptions
 
@@ -27,19 +29,27 @@ MIN_IMAGES = 32
 
 def store_calibration(checkpoint_url: str, images: torch.Tensor, source: str, iwae_k: int = 16, seed: int = 0,
                       device: torch.device | str = "cpu", storage_options: StorageOptions = None,
-                      ckpt: Checkpoint | None = None) -> dict:
+                      ckpt: Checkpoint | None = None, out_url: str | None = None) -> dict:
     """Fit score quantiles + typicality reference on ``images`` (uint8 (N, C, H, W)) and write
-    them into the checkpoint (``ckpt``: the checkpoint already loaded from ``checkpoint_url``).
-    Returns the ``calibration`` record."""
+    the checkpoint with them, in one atomic step, to ``out_url`` (default: over
+    ``checkpoint_url``; ``ckpt``: the checkpoint already loaded from there). Nothing is written
+    when fitting fails. Returns the ``calibration`` record."""
     if len(images) < MIN_IMAGES:
         raise ConfigError(f"calibration needs at least {MIN_IMAGES} held-out images, got {len(images)} from {source}")
-    ckpt = ckpt or load_checkpoint(checkpoint_url, storage_options, map_location=device)
-    reference, tables = fit_reference(ckpt.model, images, ScoreOptions(score="elbo", iwae_k=iwae_k, seed=seed), device)
+    ckpt = ckpt or load_checkpoint(checkpoint_url, storage_options, map_location=device, verify_calibration=False)
+    try:
+        reference, tables = fit_reference(ckpt.model, images, ScoreOptions(score="elbo", iwae_k=iwae_k, seed=seed),
+                                          device)
+    except VaePipeError:
+        raise
+    except ValueError as exc:  # too few or degenerate images (vae_model.typicality)
+        raise ConfigError(f"calibration on {source} failed: {exc}") from None
     updates = {"score_quantiles": tables, "score_quantiles_iwae_k": iwae_k, "typicality": reference}
     record = {"data_url": source, "images": int(len(images)), "iwae_k": iwae_k, "seed": seed,
               "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "id": calibration_id(updates)}
-    model_id = update_meta(checkpoint_url, {**updates, "calibration": record}, storage_options)
+    meta = {**ckpt.meta, **updates, "calibration": record}
+    model_id = save_checkpoint(ckpt.model, out_url or checkpoint_url, meta, storage_options)
     return {**record, "model_id": model_id}
 
 
@@ -48,7 +58,8 @@ def calibrate(checkpoint_url: str, data_url: str, limit: int | None = 10000, iwa
     """Recalibrate ``checkpoint_url`` on (up to ``limit``) images of ``data_url``; they should be
     normal data the model was not trained on."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ckpt = load_checkpoint(checkpoint_url, storage_options, map_location=device)
+    # Statistics that fail verification are what recalibrating replaces: load without them.
+    ckpt = load_checkpoint(checkpoint_url, storage_options, map_location=device, verify_calibration=False)
     cfg = ckpt.config
     ds = ShardImageDataset(list_specs(data_url, storage_options), cfg.channels, cfg.image_size, split="all",
                            storage_options=storage_options)

@@ -1,10 +1,16 @@
 """The training job: shards -> VAE checkpoint, as one linear story.
 
 Artifacts beside the checkpoint ``<out>`` (any fsspec URL):
-  ``<out>``                the best model by validation ELBO (safetensors, self-describing)
+  ``<out>``                the best model by validation ELBO, calibrated (safetensors, self-describing)
+  ``<out>.best.safetensors``  the best model so far, uncalibrated: the staging copy that training
+                           writes after each improving epoch and ``--resume`` continues from
   ``<out>.resume.pt``      latest weights + optimiser + RNG + data position, for ``--resume``
   ``<out>.metrics.jsonl``  one JSON object per log interval and per epoch
   ``<out>.epochNNN.png``   prior samples (top) and validation reconstructions (bottom)
+
+``<out>`` is written once, at the end, in one atomic step and only after calibration succeeded:
+it is either absent or a complete calibrated checkpoint, never one the run declared failed.
+Everything that can be checked before the first step is (options, validation set size).
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader
 
-from jobs.calibrate import store_calibration
+from jobs.calibrate import MIN_IMAGES, store_calibration
 from jobs.data import ShardImageDataset, fingerprint, list_specs, load_tensor
 from jobs.grid import save_grid
 from vae_model import losses
@@ -63,6 +69,26 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict)  # VAEConfig fields
     storage_options: dict[str, Any] | None = None
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.epochs < 1:
+            raise ConfigError("--batch-size and --epochs must be >= 1")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"--lr-schedule must be constant or cosine, not {self.lr_schedule!r}")
+        if self.grad_clip < 0 or not (self.grad_clip_factor == 0 or self.grad_clip_factor >= 1):
+            raise ConfigError("--grad-clip must be >= 0 and --grad-clip-factor 0 (off) or >= 1")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError("--val-fraction must be in [0, 1)")
+        if self.val_url is None and self.val_fraction == 0:
+            raise ConfigError("validation data is needed for best-checkpoint selection: give --val URL or "
+                              "--val-fraction > 0")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"--precision must be auto, fp32 or bf16, not {self.precision!r}")
+        if min(self.val_limit, self.quantile_images) < MIN_IMAGES:
+            raise ConfigError(f"val_limit={self.val_limit} and quantile_images={self.quantile_images} must be "
+                              f">= {MIN_IMAGES}: calibration needs that many validation images")
+        if self.patience < 1 or self.log_every < 1 or self.num_workers < 0:
+            raise ConfigError("--patience and log_every must be >= 1, --num-workers >= 0")
+
 
 @dataclass
 class TrainResult:
@@ -92,6 +118,9 @@ def _sidecar(out: str, suffix: str) -> str:
     return out + suffix
 
 
+BEST = ".best.safetensors"  # the staging sidecar (module docstring)
+
+
 def _write_jsonl(url: str, lines: list[dict], storage_options: StorageOptions) -> None:
     atomic_write_bytes(url, ("".join(json.dumps(l) + "\n" for l in lines)).encode(), storage_options)
 
@@ -102,14 +131,63 @@ def _save_resume(url: str, state: dict, storage_options: StorageOptions) -> None
     atomic_write_bytes(url, buf.getvalue(), storage_options)
 
 
+# What _resume_payload writes: key -> type. ``state`` is JSON holding at least STATE_KEYS.
+RESUME_KEYS: dict[str, type] = {"model": dict, "optimizer": dict, "rng": dict, "model_config": dict, "state": str}
+STATE_KEYS: dict[str, tuple[type, ...]] = {"epoch": (int,), "step": (int,), "step_in_epoch": (int,),
+                                           "best": (int, float), "bad_epochs": (int,), "history": (list,)}
+
+
+def _bad_resume(url: str, why: str) -> VaePipeError:
+    return VaePipeError(f"{url}: not a usable resume state ({why}); delete it to start afresh")
+
+
 def _load_resume(url: str, storage_options: StorageOptions) -> dict:
+    """The resume state at ``url``, its structure checked (not its tensors: :func:`_apply_resume`)."""
     try:
         # weights_only: tensors, numbers, strings and containers only; nothing is unpickled.
-        return torch.load(io.BytesIO(read_bytes(url, storage_options)), weights_only=True)
+        saved = torch.load(io.BytesIO(read_bytes(url, storage_options)), weights_only=True)
     except StorageError:
         raise
     except Exception as exc:
         raise VaePipeError(f"{url}: unreadable resume state ({type(exc).__name__}); delete it to start afresh") from None
+    if not isinstance(saved, dict):
+        raise _bad_resume(url, f"a {type(saved).__name__}, not a dict")
+    missing = [k for k in RESUME_KEYS if k not in saved]
+    if missing:
+        raise _bad_resume(url, f"missing {', '.join(missing)}")
+    wrong = next((k for k, t in RESUME_KEYS.items() if not isinstance(saved[k], t)), None)
+    if wrong:
+        raise _bad_resume(url, f"{wrong} must be {RESUME_KEYS[wrong].__name__}, not {type(saved[wrong]).__name__}")
+    if not all(isinstance(saved["rng"].get(k), torch.Tensor) for k in ("gen", "torch")):
+        raise _bad_resume(url, "rng lacks the gen and torch generator states")
+    try:
+        state = json.loads(saved["state"])
+    except json.JSONDecodeError:
+        raise _bad_resume(url, "state is not JSON") from None
+    if not isinstance(state, dict):
+        raise _bad_resume(url, "state is not a JSON object")
+    wrong = next((k for k, t in STATE_KEYS.items()
+                  if not isinstance(state.get(k), t) or isinstance(state.get(k), bool)), None)
+    if wrong:
+        raise _bad_resume(url, f"state.{wrong} is missing or not {'/'.join(t.__name__ for t in STATE_KEYS[wrong])}")
+    saved["state"] = state
+    return saved
+
+
+def _apply_resume(url: str, saved: dict, model: VAE, opt: torch.optim.Optimizer, gen: torch.Generator,
+                  model_cfg: VAEConfig) -> dict:
+    """Restore weights, optimiser and RNGs from a :func:`_load_resume` state; returns the loop state."""
+    if saved["model_config"] != model_cfg.to_dict():
+        raise ConfigError(f"{url} was written for a different model config; drop --resume or match flags")
+    try:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        gen.set_state(saved["rng"]["gen"])
+        torch.set_rng_state(saved["rng"]["torch"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise _bad_resume(url, f"weights, optimiser or RNG do not fit: {type(exc).__name__} {first}") from None
+    return saved["state"]
 
 
 @torch.no_grad()
@@ -214,17 +292,7 @@ def train(cfg: TrainConfig, progress: bool = True,
     tune_allocator()  # reuse activation memory between steps (~1.25x fp32 steps on this CPU)
     so = cfg.storage_options
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = pick_precision(cfg.precision, device)
-    if cfg.batch_size < 1 or cfg.epochs < 1:
-        raise ConfigError("--batch-size and --epochs must be >= 1")
-    if cfg.lr_schedule not in ("constant", "cosine"):
-        raise ConfigError(f"--lr-schedule must be constant or cosine, not {cfg.lr_schedule!r}")
-    if cfg.grad_clip < 0 or not (cfg.grad_clip_factor == 0 or cfg.grad_clip_factor >= 1):
-        raise ConfigError("--grad-clip must be >= 0 and --grad-clip-factor 0 (off) or >= 1")
-    if not 0 <= cfg.val_fraction < 1:
-        raise ConfigError("--val-fraction must be in [0, 1)")
-    if cfg.val_url is None and cfg.val_fraction == 0:
-        raise ConfigError("validation data is needed for best-checkpoint selection: give --val URL or --val-fraction > 0")
+    precision = pick_precision(cfg.precision, device)  # options were checked by TrainConfig
     get_fs(cfg.out, so)  # fail early on an unusable output URL
 
     model_cfg = VAEConfig.default_for(cfg.model.get("image_size", 28), cfg.model.get("channels", 1),
@@ -232,11 +300,6 @@ def train(cfg: TrainConfig, progress: bool = True,
     specs = list_specs(cfg.data_url, so)
     val_specs = list_specs(cfg.val_url, so) if cfg.val_url else specs
     data_fp = fingerprint(specs, so)
-
-    torch.manual_seed(cfg.seed)
-    model = VAE(model_cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
 
     common = dict(channels=model_cfg.channels, size=model_cfg.image_size, seed=cfg.seed, storage_options=so)
     if cfg.val_url:
@@ -247,22 +310,21 @@ def train(cfg: TrainConfig, progress: bool = True,
                                      shuffle_buffer=cfg.shuffle_buffer, **common)
         val_ds = ShardImageDataset(specs, split="val", val_fraction=cfg.val_fraction, **common)
     x_val = load_tensor(val_ds, cfg.val_limit)
-    if len(x_val) == 0:
-        raise ConfigError(f"no validation images: {cfg.val_url or cfg.data_url} yielded none for validation; "
-                          "raise --val-fraction or pass --val")
+    if len(x_val) < MIN_IMAGES:  # calibration at the end would fail: fail before the first step
+        raise ConfigError(f"{len(x_val)} validation images from {cfg.val_url or cfg.data_url}: calibration needs at "
+                          f"least {MIN_IMAGES}; raise --val-fraction (now {cfg.val_fraction:g}) or pass a larger --val")
+
+    torch.manual_seed(cfg.seed)  # data loading draws no torch random numbers: the same model either way
+    model = VAE(model_cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)  # ~1.7 s cold
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
 
     state = {"epoch": 0, "step": 0, "step_in_epoch": 0, "best": math.inf, "best_bpd": math.inf,
              "bad_epochs": 0, "grad_norms": [], "clipped": 0, "skipped": 0, "history": []}
     resume_url = _sidecar(cfg.out, ".resume.pt")
+    best_url = _sidecar(cfg.out, BEST)
     if cfg.resume and exists(resume_url, so):
-        saved = _load_resume(resume_url, so)
-        if saved["model_config"] != model_cfg.to_dict():
-            raise ConfigError(f"{resume_url} was written for a different model config; drop --resume or match flags")
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        gen.set_state(saved["rng"]["gen"])
-        torch.set_rng_state(saved["rng"]["torch"])
-        state.update(json.loads(saved["state"]))
+        state.update(_apply_resume(resume_url, _load_resume(resume_url, so), model, opt, gen, model_cfg))
         log.info("resumed from %s at epoch %d step %d", resume_url, state["epoch"], state["step"])
     metrics: list[dict] = state.pop("history")
 
@@ -345,7 +407,7 @@ def train(cfg: TrainConfig, progress: bool = True,
         improved = val["neg_elbo"] < state["best"]
         if improved:
             state["best"], state["best_bpd"], state["bad_epochs"] = val["neg_elbo"], val["bits_per_dim"], 0
-            save_checkpoint(model, cfg.out, _meta(cfg, model_cfg, data_fp, state, val, precision), so)
+            save_checkpoint(model, best_url, _meta(cfg, model_cfg, data_fp, state, val, precision), so)
         else:
             state["bad_epochs"] += 1
         _save_resume(resume_url, _resume_payload(model, opt, gen, model_cfg, state, metrics), so)
@@ -363,7 +425,7 @@ def train(cfg: TrainConfig, progress: bool = True,
     if not math.isfinite(state["best"]):
         raise VaePipeError("training stopped before the first epoch finished (time limit?): no checkpoint written; "
                            "rerun with --resume to continue")
-    model_id = store_score_quantiles(cfg, x_val, device)
+    model_id = publish_calibrated(cfg, x_val, device)
     return TrainResult(cfg.out, model_id, state["epoch"], state["step"], state["best"], state["best_bpd"],
                        stopped, time.monotonic() - t_start)
 
@@ -392,9 +454,16 @@ def _epoch_grid(model: VAE, x_val: torch.Tensor, cfg: TrainConfig, epoch: int, d
               storage_options=cfg.storage_options)
 
 
-def store_score_quantiles(cfg: TrainConfig, x_val: torch.Tensor, device: torch.device) -> str:
-    """Score validation images with the best model; store each score's quantiles and the
-    typicality reference in the checkpoint."""
+def publish_calibrated(cfg: TrainConfig, x_val: torch.Tensor, device: torch.device) -> str:
+    """Calibrate the best model (the staging sidecar) on validation images (each score's
+    quantiles and the typicality reference) and write it to ``cfg.out`` in one atomic step."""
+    so = cfg.storage_options
+    best_url = _sidecar(cfg.out, BEST)
+    if not exists(best_url, so):
+        if not (cfg.resume and exists(cfg.out, so)):  # a run of an earlier vaepipe wrote the best model to OUT
+            raise VaePipeError(f"{best_url}: the best checkpoint so far is missing (deleted?); "
+                               "train again without --resume")
+        best_url = cfg.out
     source = cfg.val_url or f"{cfg.data_url} (validation split {cfg.val_fraction:g})"
-    return store_calibration(cfg.out, x_val[:cfg.quantile_images], source, cfg.quantile_iwae_k, cfg.seed, device,
-                             cfg.storage_options)["model_id"]
+    return store_calibration(best_url, x_val[:cfg.quantile_images], source, cfg.quantile_iwae_k, cfg.seed, device,
+                             so, out_url=cfg.out)["model_id"]

@@ -1,14 +1,33 @@
 """The model's configuration: one typed dataclass, saved inside every checkpoint."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Callable
 
 from .errors import ConfigError
 
 LIKELIHOODS = ("bernoulli", "discretized_logistic")
 SCORES = ("elbo", "iwae", "complexity", "typicality")  # anomaly scores (vae_model.scoring computes them)
 MIN_SIZE, MAX_SIZE = 16, 256
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return (isinstance(v, float) and math.isfinite(v)) or _is_int(v)
+
+
+# How each field annotation of VAEConfig is stored in JSON: (check, what to write in the error).
+_JSON_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "int": (_is_int, "an integer"),
+    "float": (_is_real, "a finite number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "tuple[int, ...]": (lambda v: isinstance(v, (list, tuple)) and all(map(_is_int, v)), "a list of integers"),
+    "dict[str, Any]": (lambda v: isinstance(v, dict), "a JSON object"),
+}
 
 
 @dataclass(frozen=True)
@@ -69,10 +88,19 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "VAEConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        """The config a checkpoint stored (:meth:`to_dict`); every field's JSON type is checked
+        against its annotation, so a hand-edited ``"image_size": 28.0`` or ``"widths": "a"`` is a
+        :class:`ConfigError` naming the field rather than a crash deep in the model."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"config must be a JSON object of VAEConfig fields, not {type(data).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
         if unknown:
             raise ConfigError(f"unknown config fields {unknown}: the checkpoint was written by a newer vaepipe; upgrade")
+        for name, value in data.items():
+            ok, what = _JSON_TYPES[str(known[name].type)]
+            if not ok(value):
+                raise ConfigError(f"config field {name}={repr(value)[:40]}: must be {what}")
         return cls(**{k: (tuple(v) if k == "widths" else v) for k, v in data.items()})
 
     @classmethod

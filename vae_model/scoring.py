@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .checkpoint_header import calibration_id  # noqa: F401  (the one definition, re-exported for scoring's users)
 from .config import SCORES
 from .model import VAE, noise_for_keys
 from .runtime import tune_allocator
@@ -180,14 +180,6 @@ def fit_reference(model: VAE, images: np.ndarray | torch.Tensor, opts: ScoreOpti
     tables = {"elbo": quantile_table(-base["elbo"]), "iwae": quantile_table(iwae["anomaly_score"]),
               "complexity": quantile_table(base["complexity"]), "typicality": quantile_table(held)}
     return ref.to_dict(), tables
-
-
-def calibration_id(meta: dict) -> str:
-    """Content id of a checkpoint's score statistics (quantiles, typicality reference); "" if none."""
-    stats = {k: meta.get(k) for k in ("score_quantiles", "score_quantiles_iwae_k", "typicality")}
-    if not any(stats.values()):
-        return ""
-    return hashlib.sha256(json.dumps(stats, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def quantile_table(scores: np.ndarray, quantiles: tuple[float, ...] = QUANTILES) -> dict[str, float]:

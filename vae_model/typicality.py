@@ -25,9 +25,53 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+from typing import Any
+
 import numpy as np
 
+from .errors import ConfigError
+
 FEATURES = ("neg_elbo_bits", "code_bits")
+
+
+class ReferenceFormatError(ConfigError):
+    """A stored typicality reference that is not one: a field missing, of the wrong type or shape,
+    or not finite. The message names the field (``kde.whiten``, ``latent.points``, ...)."""
+
+
+def _name(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _field(d: Any, key: str, where: str) -> Any:
+    if not isinstance(d, dict):
+        raise ReferenceFormatError(f"typicality reference: {where or 'it'} must be a JSON object, "
+                                   f"not {type(d).__name__}")
+    if key not in d:
+        raise ReferenceFormatError(f"typicality reference: {_name(where, key)} is missing")
+    return d[key]
+
+
+def _array(d: Any, key: str, where: str, ndim: int) -> np.ndarray:
+    name, value = _name(where, key), _field(d, key, where)
+    try:
+        a = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ReferenceFormatError(f"typicality reference: {name} is not a (rectangular) array of numbers") from None
+    if a.ndim != ndim or a.size == 0:
+        raise ReferenceFormatError(f"typicality reference: {name} has shape {a.shape}, expected a non-empty "
+                                   f"{ndim}-d array")
+    if not np.isfinite(a).all():
+        raise ReferenceFormatError(f"typicality reference: {name} has non-finite values")
+    return a
+
+
+def _positive(d: Any, key: str, where: str) -> float:
+    v = _field(d, key, where)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+        raise ReferenceFormatError(f"typicality reference: {_name(where, key)}={repr(v)[:40]} must be a finite number > 0")
+    return float(v)
 
 
 def _sq_dists(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray) -> np.ndarray:
@@ -81,9 +125,21 @@ class KDEReference:
                 "points": np.round(self.points, 6).tolist()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "KDEReference":
-        return cls(np.asarray(d["mean"], float), np.asarray(d["whiten"], float), np.asarray(d["points"], float),
-                   float(d["bandwidth"]), tuple(d["features"]))
+    def from_dict(cls, d: dict, where: str = "kde") -> "KDEReference":
+        """The reference :meth:`to_dict` wrote, checked (shapes agree, values finite); a
+        :class:`ReferenceFormatError` naming the field otherwise."""
+        mean = _array(d, "mean", where, 1)
+        n_dim = len(mean)
+        whiten, points = _array(d, "whiten", where, 2), _array(d, "points", where, 2)
+        if whiten.shape != (n_dim, n_dim) or points.shape[1] != n_dim:
+            raise ReferenceFormatError(f"typicality reference: {_name(where, 'whiten')} {whiten.shape} and "
+                                       f"{_name(where, 'points')} {points.shape} do not fit {_name(where, 'mean')} "
+                                       f"({n_dim},)")
+        features = _field(d, "features", where)
+        if not (isinstance(features, list) and len(features) == n_dim and all(isinstance(f, str) for f in features)):
+            raise ReferenceFormatError(f"typicality reference: {_name(where, 'features')} must list {n_dim} "
+                                       "feature names")
+        return cls(mean, whiten, points, _positive(d, "bandwidth", where), tuple(features))
 
 
 def intrinsic_dimension(points: np.ndarray, k: int = 5, chunk: int = 1024) -> float:
@@ -117,6 +173,12 @@ class LatentKNN:
         pts = np.asarray(latents, dtype=np.float64)
         if pts.ndim != 2 or len(pts) < 8:
             raise ValueError(f"need at least 8 reference latents (n, D), got shape {pts.shape}")
+        # Stored rounded to 5 decimals (to_dict); fewer distinct points than neighbours would give
+        # an intrinsic dimension of ~1e12 and scores of ~-1e13.
+        distinct = len(np.unique(np.round(pts, 5), axis=0))
+        if distinct <= 5:
+            raise ValueError(f"the {len(pts)} reference images have only {distinct} distinct latents (duplicate "
+                             "images?): calibrate on varied held-out images")
         dim = intrinsic_dimension(pts)
         return cls(pts, dim, 1e-6)
 
@@ -137,8 +199,9 @@ class LatentKNN:
                 "points": np.round(self.points, 5).tolist()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LatentKNN":
-        return cls(np.asarray(d["points"], float), float(d["dim"]), float(d["floor"]))
+    def from_dict(cls, d: dict, where: str = "latent") -> "LatentKNN":
+        """The reference :meth:`to_dict` wrote, checked; a :class:`ReferenceFormatError` otherwise."""
+        return cls(_array(d, "points", where, 2), _positive(d, "dim", where), _positive(d, "floor", where))
 
 
 @dataclass
@@ -160,7 +223,23 @@ class TypicalityReference:
         return {"kind": "typicality_v2", "kde": self.kde.to_dict(), "latent": self.latent.to_dict()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TypicalityReference":
-        if d.get("kind") == "typicality_v2":
-            return cls(KDEReference.from_dict(d["kde"]), LatentKNN.from_dict(d["latent"]))
-        return cls(KDEReference.from_dict(d))  # a KDE-only reference of an earlier version
+    def from_dict(cls, d: dict, latent_dim: int | None = None) -> "TypicalityReference":
+        """The one parser of a stored reference (checkpoint meta ``typicality``): checks every
+        field's presence, type, shape and finiteness, that the KDE uses the features scoring
+        computes and, given ``latent_dim``, that the latent view fits the model. Raises
+        :class:`ReferenceFormatError` (a ConfigError, hence a ValueError) naming the field."""
+        kind = _field(d, "kind", "")
+        if kind == "typicality_v2":
+            ref = cls(KDEReference.from_dict(_field(d, "kde", "")), LatentKNN.from_dict(_field(d, "latent", "")))
+        elif kind == "gaussian_kde_whitened":
+            ref = cls(KDEReference.from_dict(d, where=""))  # a KDE-only reference of an earlier version
+        else:
+            raise ReferenceFormatError(f"typicality reference: kind {repr(kind)[:40]} is not one this vaepipe reads "
+                                       "(typicality_v2 or gaussian_kde_whitened); upgrade vaepipe or recalibrate")
+        if ref.kde.features != FEATURES:
+            raise ReferenceFormatError(f"typicality reference: kde.features {list(ref.kde.features)} are not the "
+                                       f"features scoring computes {list(FEATURES)}")
+        if latent_dim is not None and ref.latent is not None and ref.latent.points.shape[1] != latent_dim:
+            raise ReferenceFormatError(f"typicality reference: latent.points are {ref.latent.points.shape[1]}-d, "
+                                       f"the model's latent is {latent_dim}-d")
+        return ref
