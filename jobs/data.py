@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.decode import decode_image
-from pipeline.shards import ShardSpec, expand_shards, iter_members
+from pipeline.shards import ShardSpec, escape_key, expand_shards, iter_members
 from vae_model.errors import ImageDecodeError
 from vae_model.storage import StorageOptions, get_fs
 
@@ -29,7 +29,7 @@ def in_validation(shard: str, key: str, fraction: float, seed: int) -> bool:
     another disk or in object storage splits the same way)."""
     if fraction <= 0:
         return False
-    name = shard.rstrip("/").rsplit("/", 1)[-1]
+    name = escape_key(shard.rstrip("/").rsplit("/", 1)[-1])  # a Latin-1 file name hashes too
     h = hashlib.blake2b(f"{seed}:{name}:{key}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") / 2 ** 64 < fraction
 
@@ -45,7 +45,7 @@ def fingerprint(specs: list[ShardSpec], storage_options: StorageOptions = None) 
             except Exception:  # a file we cannot stat still contributes its name
                 info = {}
             tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
-            h.update(f"{url}\0{info.get('size', '')}\0{tag}\n".encode())
+            h.update(f"{escape_key(url)}\0{info.get('size', '')}\0{tag}\n".encode())
     return h.hexdigest()[:32]
 
 

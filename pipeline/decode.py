@@ -2,8 +2,13 @@
 
 One policy, shared by training and the Beam pipeline so the two can never disagree:
 
-1. **Open and fully decode** with Pillow (``Image.open`` + ``.load()``), so truncated or corrupt
-   files fail here rather than later. Any failure, including ``Image.DecompressionBombError``
+1. **Open, check the size, fully decode** with Pillow (``Image.open`` + ``.load()``), so truncated
+   or corrupt files fail here rather than later. An image whose header declares more than
+   ``max_pixels`` pixels (width x height; ``--max-pixels``) raises :class:`ImageTooLargeError`
+   before any pixel is decoded: a tiny file can declare a huge canvas. A JPEG much larger than
+   the target is decoded at a reduced scale (``Image.draft``: a power-of-two DCT scaling that
+   keeps the short side at least four times ``size``), so the final resize still does most of the
+   filtering (rows move by well under one grey level on average; BENCHMARKS.md has the figures). Any failure, including ``Image.DecompressionBombError``
    (images over twice ``Image.MAX_IMAGE_PIXELS``), raises :class:`ImageDecodeError` with a one-line
    message that carries Pillow's reason. Truncated images are never padded
    (``ImageFile.LOAD_TRUNCATED_IMAGES`` is left alone).
@@ -11,7 +16,9 @@ One policy, shared by training and the Beam pipeline so the two can never disagr
 3. **Mode conversion** to 8-bit ``L`` (``channels=1``) or ``RGB`` (``channels=3``):
 
    * transparency (``RGBA``, ``LA``, ``PA``, palette with a transparent colour, premultiplied
-     ``RGBa``/``La``) is composited over **white**, so a fully transparent pixel reads 255;
+     ``RGBa``/``La``) is composited over **white** in 8 bits by Pillow (``paste`` with the alpha as
+     mask; within one grey level of ``(c*a + 255*(255-a)) / 255``), so a fully transparent pixel
+     reads 255;
    * 16-bit integers (``I;16``, ``I;16L``, ``I;16B``, ``I;16N``) keep their high byte
      (``value >> 8``: 65535 -> 255, 256 -> 1), never clipped; 32-bit ``I`` is taken to hold the
      same 0..65535 range (Pillow's representation of 16-bit data) and is clipped to it first;
@@ -40,21 +47,35 @@ SUPPORTED_EXTS: tuple[str, ...] = ("png", "jpg", "jpeg", "webp", "bmp")
 
 _ALPHA_MODES = {"RGBA": "RGBA", "RGBa": "RGBA", "LA": "LA", "La": "LA", "PA": "RGBA"}
 _INT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_DRAFT_FACTOR = 4  # JPEG draft keeps >= 4x the target side: 2x moved photos by up to 51 levels, 4x by 26
 
 
-def decode_image(data: bytes, channels: int, size: int) -> np.ndarray:
+class ImageTooLargeError(ImageDecodeError):
+    """The image header declares more pixels than ``max_pixels``; nothing was decoded."""
+
+    error_type = "ImageTooLarge"  # the dead letter's error_type
+
+
+def decode_image(data: bytes, channels: int, size: int, max_pixels: int | None = None) -> np.ndarray:
     """Decode image bytes to a ``uint8`` array of shape ``(channels, size, size)``.
 
     Args:
         data: Encoded image bytes (PNG, JPEG, WebP, BMP, ... anything Pillow reads).
         channels: 1 for grayscale (``L``), 3 for ``RGB``.
         size: Output height and width in pixels.
+        max_pixels: Largest width x height decoded (default
+            :data:`pipeline.options.DEFAULT_MAX_PIXELS`), checked from the header before decoding.
 
     Raises:
+        ImageTooLargeError: The header declares more than ``max_pixels`` pixels.
         ImageDecodeError: The bytes are empty, truncated, corrupt, not an image, or a
             decompression bomb.
         ConfigError: ``channels`` is not 1 or 3, or ``size`` is not positive.
     """
+    if max_pixels is None:
+        from pipeline.options import DEFAULT_MAX_PIXELS  # options imports the shard reader, which imports us
+
+        max_pixels = DEFAULT_MAX_PIXELS
     if channels not in (1, 3):
         raise ConfigError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
     if size < 1:
@@ -63,15 +84,23 @@ def decode_image(data: bytes, channels: int, size: int) -> np.ndarray:
         raise ImageDecodeError("cannot decode image: empty data (0 bytes)")
     try:
         img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w * h > max_pixels:
+            raise ImageTooLargeError(f"image is {w} x {h} = {w * h} pixels, over the limit of {max_pixels} "
+                                     "(--max-pixels); raise --max-pixels to decode it")
+        if img.format == "JPEG" and min(w, h) >= 2 * _DRAFT_FACTOR * size:
+            img.draft(img.mode, (_DRAFT_FACTOR * size,) * 2)  # DCT scaling: short side stays >= 4 x size
         img.load()
         img = ImageOps.exif_transpose(img)
+    except ImageTooLargeError:
+        raise
     except UnidentifiedImageError:
         raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): not a recognised image format "
                                f"(starts with {data[:8].hex()})") from None
     except Exception as exc:  # Pillow's format plugins raise many exception types on bad data
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())
         raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {reason}") from None
-    img = _to_8bit(img)
+    img = _to_8bit(img, gray=channels == 1)
     img = img.convert("L" if channels == 1 else "RGB")
     img = _resize_center_crop(img, size)
     arr = np.asarray(img, dtype=np.uint8)
@@ -80,8 +109,12 @@ def decode_image(data: bytes, channels: int, size: int) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 0, 1))  # (3, H, W)
 
 
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """Return an 8-bit ``L`` or ``RGB`` image: alpha over white, high-bit-depth data rescaled."""
+def _to_8bit(img: Image.Image, gray: bool = False) -> Image.Image:
+    """Return an 8-bit ``L`` or ``RGB`` image: alpha over white, high-bit-depth data rescaled.
+
+    ``gray``: the caller wants ``L``; transparency is then composited in ``LA`` (luma is linear, so
+    that is the same image to rounding) at half the memory of ``RGBA``.
+    """
     mode = img.mode
     if mode in ("L", "RGB"):
         return img
@@ -91,7 +124,9 @@ def _to_8bit(img: Image.Image) -> Image.Image:
         if mode == "RGB":
             return img.convert("RGB")
     if mode in _ALPHA_MODES:
-        return _over_white(img.convert(_ALPHA_MODES[mode]))
+        if img.mode != _ALPHA_MODES[mode]:  # P, PA and premultiplied RGBa/La first become RGBA/LA
+            img = img.convert(_ALPHA_MODES[mode])
+        return _over_white(img.convert("LA") if gray and img.mode == "RGBA" else img)
     if mode in _INT16_MODES:
         arr = np.asarray(img).astype(np.uint16)  # native byte order whatever the mode's
         return Image.fromarray((arr >> 8).astype(np.uint8))
@@ -109,12 +144,15 @@ def _to_8bit(img: Image.Image) -> Image.Image:
 
 
 def _over_white(img: Image.Image) -> Image.Image:
-    """Composite an ``LA`` or ``RGBA`` image over white, returning ``L`` or ``RGB``."""
-    arr = np.asarray(img, dtype=np.uint16)  # (H, W, 2|4)
-    colour, alpha = arr[..., :-1], arr[..., -1:]
-    out = (colour * alpha + 255 * (255 - alpha) + 127) // 255
-    out = out.astype(np.uint8)
-    return Image.fromarray(out[..., 0] if out.shape[-1] == 1 else out)
+    """Composite an ``LA`` or ``RGBA`` image over white, returning ``L`` or ``RGB``.
+
+    Pillow's 8-bit blend in C: one ``L``/``RGB`` canvas and one converted copy, no widened arrays
+    (a numpy uint16 formula cost about 30 bytes per pixel).
+    """
+    mode = "L" if img.mode == "LA" else "RGB"
+    out = Image.new(mode, img.size, 255 if mode == "L" else (255, 255, 255))
+    out.paste(img.convert(mode), (0, 0), img.getchannel("A"))
+    return out
 
 
 def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:

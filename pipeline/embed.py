@@ -23,7 +23,7 @@ import torch
 from pipeline.decode import decode_image
 from pipeline.options import EmbedOptions, check_score_supported, output_name
 from pipeline.schema import ERROR_SCHEMA, latent_schema
-from pipeline.shards import ShardSpec, iter_members
+from pipeline.shards import ReadLimits, ShardSpec, ShardTally, escape_key, iter_members, printable
 from pipeline.writer import AtomicParquetWriter, read_metadata
 from vae_model.checkpoint import Checkpoint, load_checkpoint
 from vae_model.errors import ImageDecodeError
@@ -135,20 +135,24 @@ class ShardEmbedder:
                 "pid": os.getpid()}
 
     # -- work ----------------------------------------------------------------------------
-    def _decoded(self, spec: ShardSpec, errors: list[dict]) -> Iterator[list[tuple]]:
-        """Batches of (key, index, label, meta, pixels); read/decode failures go to ``errors``."""
+    def _decoded(self, spec: ShardSpec, errors: list[dict], tally: ShardTally) -> Iterator[list[tuple]]:
+        """Batches of (key, index, label, meta, pixels); read/decode failures go to ``errors``;
+        the reader counts what the shard contains into ``tally``."""
         c, size, bs = self.cfg.channels, self.cfg.image_size, self.opts.batch_size
+        limits = ReadLimits(self.opts.max_member_bytes, self.opts.max_sidecar_bytes)
+        shard = escape_key(spec.name)
         batch: list[tuple] = []
-        for m in iter_members(spec, self.opts.storage_options):
-            key = f"{spec.name}/{m.key}"
+        for m in iter_members(spec, self.opts.storage_options, limits=limits, tally=tally):
+            key = f"{shard}/{m.key}"
             if m.error is not None or m.data is None:
                 errors.append(self._error(key, spec, m.index, "read", m.error_type or "ReadError",
                                           m.error or "member has no data"))
                 continue
             try:
-                pixels = decode_image(m.data, c, size)
+                pixels = decode_image(m.data, c, size, max_pixels=self.opts.max_pixels)
             except ImageDecodeError as exc:
-                errors.append(self._error(key, spec, m.index, "decode", "ImageDecodeError", str(exc)))
+                etype = getattr(exc, "error_type", "ImageDecodeError")
+                errors.append(self._error(key, spec, m.index, "decode", etype, str(exc)))
                 continue
             batch.append((key, m.index, m.label, m.meta, pixels))
             if len(batch) == bs:
@@ -158,8 +162,8 @@ class ShardEmbedder:
             yield batch
 
     def _error(self, key: str, spec: ShardSpec, index: int, stage: str, etype: str, message: str) -> dict:
-        return {"key": key, "shard": spec.name, "index": index, "stage": stage, "error_type": etype,
-                "message": message[:2000], "model_id": self.ckpt.model_id, "run_date": self.run_date}
+        return {"key": key, "shard": escape_key(spec.name), "index": index, "stage": stage, "error_type": etype,
+                "message": printable(message[:2000]), "model_id": self.ckpt.model_id, "run_date": self.run_date}
 
     def _record_batch(self, spec: ShardSpec, batch: list[tuple], s: dict[str, np.ndarray]) -> pa.RecordBatch:
         n = len(batch)
@@ -170,7 +174,7 @@ class ShardEmbedder:
         none = pa.nulls(n, pa.float64())
         cols = {
             "key": pa.array([b[0] for b in batch], pa.string()),
-            "shard": pa.array([spec.name] * n, pa.string()),
+            "shard": pa.array([escape_key(spec.name)] * n, pa.string()),
             "index": pa.array([b[1] for b in batch], pa.int64()),
             "label": pa.array([b[2] for b in batch], pa.int64()),
             "meta": pa.array([json.dumps(b[3]) if b[3] is not None else None for b in batch], pa.string()),
@@ -199,9 +203,10 @@ class ShardEmbedder:
         started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
         so = self.opts.storage_options
         errors: list[dict] = []
+        tally = ShardTally()
         writer = AtomicParquetWriter(self.rows_url(spec), self.schema, so)
         try:
-            for batch in _Prefetch(self._decoded(spec, errors)):
+            for batch in _Prefetch(self._decoded(spec, errors, tally)):
                 pixels = np.stack([b[4] for b in batch])
                 keys = [b[0] for b in batch]
                 try:
@@ -211,9 +216,12 @@ class ShardEmbedder:
                                   for k, b in zip(keys, batch))
                     continue
                 writer.write(self._record_batch(spec, batch, s))
-            counts = {"images_seen": writer.rows + len(errors), "rows": writer.rows, "errors": len(errors)}
+            # members: what the shard contains, counted by the reader; reconciled against rows + errors
+            counts = {"members": tally.members, "images_seen": writer.rows + len(errors), "rows": writer.rows,
+                      "errors": len(errors)}
             self._write_errors(spec, errors)
-            writer.commit({**self.file_meta, "vaepipe.shard": spec.name, "vaepipe.counts": json.dumps(counts)})
+            writer.commit({**self.file_meta, "vaepipe.shard": escape_key(spec.name),
+                           "vaepipe.counts": json.dumps(counts)})
         except BaseException:
             writer.abort()
             raise

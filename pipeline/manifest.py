@@ -27,11 +27,20 @@ def build_manifest(summaries: list[dict], context: dict[str, Any]) -> dict[str, 
         "images_per_s": round(sum(s["images_seen"] for s in worked) / secs, 2) if secs > 0 else None,
         "worker_processes": len({s.get("pid") for s in worked}),
         "totals": totals,
-        "reconciled": totals["images_seen"] == totals["rows"] + totals["errors"]
-        and len(shards) == len(context.get("inputs", shards)),
+        "reconciled": all(_reconciled(s) for s in shards) and len(shards) == len(context.get("inputs", shards)),
         "inputs": context.get("inputs", []),
         "shards": shards,
     }
+
+
+def _reconciled(summary: dict) -> bool:
+    """Did every member the reader counted in the shard come out as a row or a dead letter?
+
+    ``members`` is counted from the shard itself (pipeline.shards.ShardTally), apart from what was
+    emitted. Outputs written before that count existed have none: they are taken at their word.
+    """
+    members = summary.get("members", summary["images_seen"])
+    return members == summary["rows"] + summary["errors"]
 
 
 def write_manifest(summaries: list[dict], context: dict[str, Any], storage_options: StorageOptions = None) -> dict:

@@ -17,6 +17,15 @@ Three shard formats are read, from any fsspec URL (local, ``file://``, ``memory:
 Files and folders whose names start with ``.`` are ignored everywhere (temporary files,
 macOS ``._*`` resource forks).
 
+Keys are :func:`escape_key`-escaped (bytes that are not UTF-8 as ``%XX``, ``%`` as ``%25``;
+:func:`unescape_key` reverses it), so a Latin-1 file name is a row, not a job failure. A tar
+key group ends where the key changes or a suffix repeats (``a.png, a.png`` are two members,
+the second a ``DuplicateKey``). Hard links are read from their earlier target; symbolic links,
+FIFOs and devices named like images or sidecars are ``NotARegularFile``. Member sizes are
+checked against :class:`ReadLimits` before the bytes are read (``MemberTooLarge``); labels
+must fit int64 and metadata must be strict JSON (no NaN). What a shard contains is counted
+into a :class:`ShardTally` apart from what is yielded, so the two can be reconciled.
+
 Problems confined to one member (no image, a bad label, a missing file) and to a whole shard
 (truncated or unreadable) never raise: they come back as a :class:`Member` with ``error`` set,
 so the caller can write a dead-letter row and carry on.
@@ -38,6 +47,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -171,27 +181,104 @@ def expand_shards(url: str, storage_options: StorageOptions = None, images_per_g
     return specs
 
 
+# --------------------------------------------------------------------------- keys
+
+_ESCAPE = re.compile("[%\ud800-\udfff]")
+_UNESCAPE = re.compile("%([0-9A-Fa-f]{2})")
+
+
+def _escape_char(match: re.Match) -> str:
+    ch = match.group()
+    if ch == "%":
+        return "%25"
+    code = ord(ch)
+    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape: the undecodable byte code - 0xDC00
+        return f"%{code - 0xDC00:02X}"
+    return "".join(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
+
+
+def escape_key(text: str) -> str:
+    """Text from the outside (member names, file names, shard URLs) as a valid UTF-8 key.
+
+    Python hands over file names that are not valid UTF-8 (GNU tar of a Latin-1 name, an
+    ``os.listdir`` entry) as *surrogate-escaped* ``str`` (byte ``0xE9`` -> ``"\\udce9"``), which
+    Parquet cannot store. Each such byte becomes ``%XX`` (upper-case hex) and ``%`` itself
+    becomes ``%25``; everything else is unchanged, so ordinary keys stay as they were.
+    :func:`unescape_key` restores the original exactly (``os.fsencode`` of it gives the
+    original bytes).
+    """
+    return _ESCAPE.sub(_escape_char, text)
+
+
+def unescape_key(key: str) -> str:
+    """Undo :func:`escape_key`: ``%25`` -> ``%``, ``%XX`` (XX >= 80) -> the surrogate escape."""
+    def char(match: re.Match) -> str:
+        b = int(match.group(1), 16)
+        return chr(b) if b < 0x80 else chr(0xDC00 + b)
+
+    return _UNESCAPE.sub(char, key)
+
+
+def printable(text: str) -> str:
+    """``text`` with surrogate escapes written as ``\\udcXX``: safe for messages and logs."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 # --------------------------------------------------------------------------- reading
 
 
-def iter_members(spec: ShardSpec, storage_options: StorageOptions = None) -> Iterator[Member]:
+@dataclass(frozen=True)
+class ReadLimits:
+    """Per-member size caps, checked before a member's bytes are read (tar header, file size,
+    Parquet cell length). A member over a cap is a ``MemberTooLarge`` dead letter."""
+
+    max_member_bytes: int  # encoded image bytes (--max-member-bytes)
+    max_sidecar_bytes: int  # one .cls / .json sidecar or metadata cell (--max-sidecar-bytes)
+
+    @classmethod
+    def default(cls) -> ReadLimits:
+        from pipeline.options import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_MAX_SIDECAR_BYTES  # options imports us
+
+        return cls(DEFAULT_MAX_MEMBER_BYTES, DEFAULT_MAX_SIDECAR_BYTES)
+
+
+@dataclass
+class ShardTally:
+    """What a shard contains, counted by the reader from the shard itself, apart from what it yields.
+
+    ``members``: key groups in the tar headers (a group ends when the key changes or a suffix
+    repeats), rows in the Parquet footer, files listed for an image group. A shard that cannot be
+    read at all, or whose damaged tail starts outside any member, counts one more member: the
+    dead letter that reports it. The embedder compares it with rows + dead letters.
+    """
+
+    members: int = 0
+
+
+def iter_members(spec: ShardSpec, storage_options: StorageOptions = None, limits: ReadLimits | None = None,
+                 tally: ShardTally | None = None) -> Iterator[Member]:
     """Stream the members of one shard; never holds more than one member's bytes (one batch for Parquet).
 
     Shard-level problems yield one final error member instead of raising: key ``__truncated__``
     (``TruncatedShard``) after the members read before the damage, or key ``__shard__``
-    (``UnreadableShard``, ``NoImageColumn``) when nothing can be read.
+    (``UnreadableShard``, ``NoImageColumn``) when nothing can be read. Keys are
+    :func:`escape_key`-escaped. ``limits`` (default :meth:`ReadLimits.default`) caps member sizes;
+    ``tally``, if given, is filled in with what the shard contains as it is read.
     """
+    limits = limits or ReadLimits.default()
+    tally = tally if tally is not None else ShardTally()
     if spec.format == "tar":
-        return _iter_tar(spec, storage_options)
+        return _iter_tar(spec, storage_options, limits, tally)
     if spec.format == "parquet":
-        return _iter_parquet(spec, storage_options)
+        return _iter_parquet(spec, storage_options, limits, tally)
     if spec.format == "images":
-        return _iter_images(spec, storage_options)
+        return _iter_images(spec, storage_options, limits, tally)
     raise ShardError(f"unknown shard format {spec.format!r} for {spec.name}: expected tar, parquet or images")
 
 
 def _error(key: str, index: int, error_type: str, message: str, ext: str = "") -> Member:
-    return Member(key=key, index=index, data=None, ext=ext, label=None, meta=None, error=message, error_type=error_type)
+    return Member(key=key, index=index, data=None, ext=ext, label=None, meta=None, error=printable(message),
+                  error_type=error_type)
 
 
 def _reason(exc: BaseException) -> str:
@@ -199,13 +286,25 @@ def _reason(exc: BaseException) -> str:
 
 
 def _unreadable(spec: ShardSpec, what: str, exc: BaseException) -> Member:
-    log.warning("unreadable shard %s: %s", spec.name, _reason(exc))
+    log.warning("unreadable shard %s: %s", printable(spec.name), _reason(exc))
     return _error("__shard__", 0, "UnreadableShard", f"{spec.name}: not a readable {what} ({_reason(exc)})")
 
 
 def _truncated(spec: ShardSpec, kind: str, n: int, reason: str) -> Member:
-    log.warning("shard %s is truncated or corrupt after %s members: %s", spec.name, n, reason)
+    log.warning("shard %s is truncated or corrupt after %s members: %s", printable(spec.name), n, reason)
     return _error("__truncated__", n, "TruncatedShard", f"truncated or corrupt {kind} after {n} members: {reason}")
+
+
+def _too_large(what: str, size: int, cap: int, flag: str) -> _Problem:
+    return _Problem("MemberTooLarge", f"{what} is {size} bytes, over the {cap}-byte limit; raise {flag} to read it")
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """A tar file that stands in a key group but cannot be used: why, as a dead letter."""
+
+    error_type: str
+    message: str
 
 
 class _EndTrackingTarInfo(tarfile.TarInfo):
@@ -224,67 +323,156 @@ class _EndTrackingTarInfo(tarfile.TarInfo):
             raise
 
 
-def _iter_tar(spec: ShardSpec, storage_options: StorageOptions) -> Iterator[Member]:
+class _Reread:
+    """Reads an earlier member again through a second, seekable handle (for hard links).
+
+    The stream cannot seek back; ``offset_data`` is a position in the uncompressed tar, which
+    ``tarfile.open(mode="r:*")`` gives for every compression (gzip/bz2/xz seek by decompressing).
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
+        self.fs, self.path = fs, path
+        self.f: Any = None
+        self.tf: tarfile.TarFile | None = None
+
+    def read(self, offset: int, size: int) -> bytes:
+        if self.tf is None:
+            self.f = self.fs.open(self.path, "rb")
+            self.tf = tarfile.open(fileobj=self.f, mode="r:*")
+        fileobj = self.tf.fileobj
+        assert fileobj is not None
+        fileobj.seek(offset)
+        data = fileobj.read(size)
+        if len(data) != size:
+            raise EOFError(f"link target ends after {len(data)} of {size} bytes")
+        return data
+
+    def close(self) -> None:
+        for handle in (self.tf, self.f):
+            if handle is not None:
+                handle.close()
+
+
+def _iter_tar(spec: ShardSpec, storage_options: StorageOptions, limits: ReadLimits,
+              tally: ShardTally) -> Iterator[Member]:
     url = spec.urls[0]
     fs, path = get_fs(url, storage_options)
     try:
         f = fs.open(path, "rb")
     except Exception as exc:  # storage backends raise many types
+        tally.members += 1
         yield _error("__shard__", 0, "UnreadableShard", describe_storage_error(url, exc))
         return
+    reread = _Reread(fs, path)
     with f:
         try:
             tf = tarfile.open(fileobj=f, mode="r|*", tarinfo=_EndTrackingTarInfo)
         except _TAR_ERRORS as exc:
+            tally.members += 1
             yield _unreadable(spec, "tar archive", exc)
             return
-        yield from _tar_members(spec, tf)
+        try:
+            yield from _tar_members(spec, tf, limits, tally, reread)
+        finally:
+            reread.close()
 
 
-def _tar_members(spec: ShardSpec, tf: tarfile.TarFile) -> Iterator[Member]:
+def _tar_name(name: str) -> str:
+    name = name.lstrip("/")
+    while name.startswith("./"):
+        name = name[2:]
+    return name
+
+
+_SIDECARS = ("cls", "json")
+
+
+def _tar_members(spec: ShardSpec, tf: tarfile.TarFile, limits: ReadLimits, tally: ShardTally,
+                 reread: _Reread) -> Iterator[Member]:
     builder = _MemberBuilder()
     key: str | None = None
-    files: dict[str, bytes | None] = {}
+    files: dict[str, bytes | _Problem | None] = {}
+    regular: dict[str, tuple[int, int]] = {}  # name -> (offset_data, size): hard-link targets
     try:
         for info in tf:
             tf.members = []  # stream mode otherwise keeps every TarInfo for the whole shard
-            if not info.isfile():
+            name = _tar_name(info.name)
+            if info.isfile():
+                regular[name] = (info.offset_data, info.size)
+            if info.isdir():
                 continue
-            name = info.name.lstrip("/")
-            while name.startswith("./"):
-                name = name[2:]
             folder, _, base = name.rpartition("/")
             if not base or base.startswith("."):
                 continue
             stem, _, suffix = base.partition(".")
+            suffix = suffix.lower()
             member_key = f"{folder}/{stem}" if folder else stem
-            if member_key != key:
+            # A repeated suffix starts a new member with the same key (a.png, a.png): a duplicate.
+            if member_key != key or suffix in files:
                 if key is not None:
                     yield builder.tar_member(key, files)
                 key, files = member_key, {}
-            suffix = suffix.lower()
-            wanted = suffix in SUPPORTED_EXTS or suffix in ("cls", "json")
-            extracted = tf.extractfile(info) if wanted else None
-            files[suffix] = extracted.read() if extracted is not None else None
+                tally.members += 1
+            if suffix in SUPPORTED_EXTS or suffix in _SIDECARS:
+                files[suffix] = _tar_file(tf, info, name, suffix, limits, regular, reread)
+            else:
+                files[suffix] = None
         end = getattr(tf, "vaepipe_end", None)
         if end is not None and not isinstance(end, tarfile.EOFHeaderError):
             raise tarfile.ReadError(f"no end-of-archive marker ({end})")
     except _TAR_ERRORS as exc:
-        reason = _reason(exc) + (f"; incomplete member {key!r} skipped" if key is not None else "")
+        if key is None:
+            tally.members += 1  # the damage stands alone; otherwise it stands for the incomplete member
+        reason = _reason(exc) + (f"; incomplete member {printable(key)!r} skipped" if key is not None else "")
         yield _truncated(spec, "tar", builder.index, reason)
         return
     if key is not None:
         yield builder.tar_member(key, files)
 
 
+def _tar_file(tf: tarfile.TarFile, info: tarfile.TarInfo, name: str, suffix: str, limits: ReadLimits,
+              regular: dict[str, tuple[int, int]], reread: _Reread) -> bytes | _Problem:
+    """The bytes of one image or sidecar file in a tar, or the problem that stops us using it."""
+    sidecar = suffix in _SIDECARS
+    cap = limits.max_sidecar_bytes if sidecar else limits.max_member_bytes
+    flag = "--max-sidecar-bytes" if sidecar else "--max-member-bytes"
+    if info.isfile():
+        if info.size > cap:
+            return _too_large(name, info.size, cap, flag)
+        extracted = tf.extractfile(info)
+        assert extracted is not None
+        return extracted.read()
+    if info.islnk():
+        target = _tar_name(info.linkname)
+        if target not in regular:
+            return _Problem("UnresolvedLink", f"{name} is a hard link to {info.linkname!r}, "
+                                              "which is not an earlier regular file in this tar")
+        offset, size = regular[target]
+        if size > cap:
+            return _too_large(f"{name} (hard link to {target})", size, cap, flag)
+        try:
+            return reread.read(offset, size)
+        except Exception as exc:  # storage backends and decompressors raise many types
+            return _Problem("UnresolvedLink", f"{name}: cannot re-read its hard-link target {target} "
+                                              f"({_reason(exc)})")
+    kind = ("symbolic link" if info.issym() else "FIFO" if info.isfifo() else "character device" if info.ischr()
+            else "block device" if info.isblk() else f"tar entry of type {info.type!r}")
+    what = f" to {info.linkname!r}" if info.issym() else ""
+    return _Problem("NotARegularFile", f"{name} is a {kind}{what}, not a regular file; store the file itself")
+
+
 class _MemberBuilder:
-    """Numbers members, keeps keys unique and parses labels and metadata for one shard."""
+    """Numbers members, keeps keys unique (and escaped) and parses labels and metadata for one shard."""
 
     def __init__(self) -> None:
         self.index = 0
         self.seen: set[str] = set()
 
+    def has(self, key: str) -> bool:
+        return escape_key(key) in self.seen
+
     def _next(self, key: str) -> tuple[str, int, Member | None]:
+        key = escape_key(key)
         index = self.index
         self.index += 1
         if key in self.seen:
@@ -293,7 +481,7 @@ class _MemberBuilder:
         self.seen.add(key)
         return key, index, None
 
-    def tar_member(self, key: str, files: dict[str, bytes | None]) -> Member:
+    def tar_member(self, key: str, files: dict[str, bytes | _Problem | None]) -> Member:
         key, index, dup = self._next(key)
         if dup is not None:
             return dup
@@ -302,37 +490,53 @@ class _MemberBuilder:
             found = ", ".join(f".{s}" if s else "(no extension)" for s in files)
             if all(s in _TEXT_SUFFIXES for s in files):
                 return _error(key, index, "NoImageMember", f"no image member (found: {found})")
+            hint = ""
+            if any(s.rsplit(".", 1)[-1] in SUPPORTED_EXTS for s in files):
+                hint = " (the key ends at the first dot of the file name, as in WebDataset)"
             return _error(key, index, "NotAnImage",
-                          f"not an image: {key} has {found}; expected one of .{', .'.join(SUPPORTED_EXTS)}")
+                          f"not an image: {key} has {found}; expected one of .{', .'.join(SUPPORTED_EXTS)}{hint}")
+        for suffix in (exts[0], *_SIDECARS):
+            problem = files.get(suffix)
+            if isinstance(problem, _Problem):
+                return _error(key, index, problem.error_type, problem.message, exts[0])
         return self._finish(key, index, files[exts[0]], exts[0], files.get("cls"), files.get("json"))
 
-    def row_member(self, key: str, data: Any, ext: str, label: Any, meta: Any) -> Member:
+    def row_member(self, key: str, data: Any, ext: str, label: Any, meta: Any,
+                   problem: _Problem | None = None) -> Member:
         key, index, dup = self._next(key)
         if dup is not None:
             return dup
+        if problem is not None:
+            return _error(key, index, problem.error_type, problem.message, ext)
         if data is None:
             return _error(key, index, "NullImage", "image column is null in this row")
         return self._finish(key, index, bytes(data), ext or _sniff_ext(data), label, meta)
 
-    def image_member(self, key: str, data: bytes | None, ext: str, error: str | None) -> Member:
+    def image_member(self, key: str, data: bytes | None, ext: str, error: str | _Problem | None) -> Member:
         key, index, dup = self._next(key)
         if dup is not None:
             return dup
+        if isinstance(error, _Problem):
+            return _error(key, index, error.error_type, error.message, ext)
         if error is not None:
             return _error(key, index, "UnreadableFile", error, ext)
         return Member(key, index, data, ext, None, None)
 
     @staticmethod
-    def _finish(key: str, index: int, data: bytes | None, ext: str, label: Any, meta: Any) -> Member:
+    def _finish(key: str, index: int, data: Any, ext: str, label: Any, meta: Any) -> Member:
         try:
             parsed_label = _parse_label(label)
-        except (ValueError, TypeError, UnicodeDecodeError):
-            return _error(key, index, "BadLabel", f"label {label!r:.40} is not an integer", ext)
+        except (ValueError, TypeError, UnicodeDecodeError, OverflowError) as exc:
+            why = "is out of the int64 range" if isinstance(exc, OverflowError) else "is not an integer"
+            return _error(key, index, "BadLabel", f"label {label!r:.40} {why}", ext)
         try:
             parsed_meta = _parse_meta(meta)
-        except (ValueError, TypeError, UnicodeDecodeError) as exc:
-            return _error(key, index, "BadMeta", f"metadata is not a JSON object ({exc})", ext)
+        except (ValueError, TypeError, UnicodeDecodeError, RecursionError) as exc:
+            return _error(key, index, "BadMeta", f"metadata is not a strict JSON object ({exc})", ext)
         return Member(key, index, data, ext, parsed_label, parsed_meta)
+
+
+_INT64 = range(-(2 ** 63), 2 ** 63)
 
 
 def _parse_label(value: Any) -> int | None:
@@ -340,19 +544,27 @@ def _parse_label(value: Any) -> int | None:
         return None
     if isinstance(value, (bytes, str)):
         text = value.decode("utf-8") if isinstance(value, bytes) else value
-        return int(text.strip())
-    if isinstance(value, float) and not value.is_integer():
+        value = int(text.strip())
+    elif isinstance(value, float) and not value.is_integer():
         raise ValueError(value)
-    return int(value)
+    label = int(value)
+    if label not in _INT64:  # the label column is int64
+        raise OverflowError(label)
+    return label
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _parse_meta(value: Any) -> dict | None:
     if value is None:
         return None
     if isinstance(value, (bytes, str)):
-        value = json.loads(value)
+        value = json.loads(value, parse_constant=_no_constant)  # NaN, Infinity: rejected, as strict JSON does
     if not isinstance(value, dict):
         raise ValueError(f"got {type(value).__name__}")
+    json.dumps(value, allow_nan=False)  # a struct column may hold NaN floats: the meta column must stay JSON
     return value
 
 
@@ -381,6 +593,10 @@ def _is_binary(t: pa.DataType) -> bool:
     return pa.types.is_binary(t) or pa.types.is_large_binary(t) or bool(is_view and is_view(t))
 
 
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or _is_binary(t)
+
+
 def _parquet_columns(schema: pa.Schema) -> _ParquetColumns:
     image, struct = None, False
     for name in IMAGE_COLUMNS:
@@ -400,43 +616,101 @@ def _parquet_columns(schema: pa.Schema) -> _ParquetColumns:
     return _ParquetColumns(image, struct, first(KEY_COLUMNS), first(LABEL_COLUMNS), first(META_COLUMNS))
 
 
-def _iter_parquet(spec: ShardSpec, storage_options: StorageOptions) -> Iterator[Member]:
+def _capped(column: pa.Array, cap: int) -> tuple[list, list[int | None]]:
+    """A binary/string column as Python values, with cells over ``cap`` bytes nulled, and each cell's length."""
+    lengths = pc.binary_length(column)
+    over = pc.fill_null(pc.greater(lengths, cap), False)
+    if pc.any(over).as_py():
+        column = pc.if_else(over, pa.scalar(None, column.type), column)
+    return column.to_pylist(), lengths.to_pylist()
+
+
+def _parquet_batch_rows(pf: pq.ParquetFile, limits: ReadLimits) -> int:
+    """Rows per batch: at most 256, fewer when rows are big, so a batch stays near one member's cap."""
+    md = pf.metadata
+    biggest = max((md.row_group(i).total_byte_size / max(1, md.row_group(i).num_rows)
+                   for i in range(md.num_row_groups)), default=0)
+    return max(1, min(PARQUET_BATCH_ROWS, int(limits.max_member_bytes // max(1.0, biggest))))
+
+
+def _iter_parquet(spec: ShardSpec, storage_options: StorageOptions, limits: ReadLimits,
+                  tally: ShardTally) -> Iterator[Member]:
     url = spec.urls[0]
     fs, path = get_fs(url, storage_options)
     try:
         f = fs.open(path, "rb")
     except Exception as exc:  # storage backends raise many types
+        tally.members += 1
         yield _error("__shard__", 0, "UnreadableShard", describe_storage_error(url, exc))
         return
     with f:
         try:
-            pf = pq.ParquetFile(f)
+            pf = pq.ParquetFile(f, buffer_size=1 << 20)  # buffered: a column chunk is not read whole
             cols = _parquet_columns(pf.schema_arrow)
         except _PARQUET_ERRORS as exc:
+            tally.members += 1
             yield _unreadable(spec, "Parquet file", exc)
             return
         if cols.image is None:
+            tally.members += 1
             yield _error("__shard__", 0, "NoImageColumn",
                          f"{spec.name}: no image column; expected one of {', '.join(IMAGE_COLUMNS)} of binary type "
                          f"(or a struct with a 'bytes' field), found {', '.join(pf.schema_arrow.names) or 'none'}")
             return
+        tally.members += pf.metadata.num_rows
         builder = _MemberBuilder()
+        batch_rows = _parquet_batch_rows(pf, limits)
         row = 0
-        try:
-            for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=cols.names):
-                values = {c: batch.column(c).to_pylist() for c in cols.names}
-                for i in range(batch.num_rows):
-                    data, ext = values[cols.image][i], ""
-                    if cols.image_struct and data is not None:
-                        ext = _path_ext(data.get("path"))
-                        data = data.get("bytes")
-                    key = str(values[cols.key][i]) if cols.key and values[cols.key][i] is not None else f"{row:08d}"
-                    label = values[cols.label][i] if cols.label else None
-                    meta = values[cols.meta][i] if cols.meta else None
-                    row += 1
-                    yield builder.row_member(key, data, ext, label, meta)
-        except _PARQUET_ERRORS as exc:
-            yield _truncated(spec, "parquet", builder.index, _reason(exc))
+        for group in range(pf.metadata.num_row_groups):
+            end = row + pf.metadata.row_group(group).num_rows
+            try:
+                for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[group], columns=cols.names):
+                    members = _parquet_rows(batch, cols, limits, row)
+                    for member in members:
+                        row += 1
+                        yield builder.row_member(*member)
+            except _PARQUET_ERRORS as exc:
+                # The footer says how many rows this group holds: each unread one is a dead letter.
+                reason = f"row group {group} of {spec.name} is corrupt ({_reason(exc)})"
+                log.warning("%s: %d rows lost", printable(reason), end - row)
+                for lost in range(row, end):
+                    yield builder.row_member(f"{lost:08d}", None, "", None, None,
+                                             _Problem("CorruptRowGroup", reason))
+            row = end
+
+
+def _parquet_rows(batch: pa.RecordBatch, cols: _ParquetColumns, limits: ReadLimits,
+                  first_row: int) -> list[tuple]:
+    """``(key, data, ext, label, meta, problem)`` for each row of one batch, oversized cells left unread."""
+    n = batch.num_rows
+    image = batch.column(cols.image)
+    paths: list = [None] * n
+    if cols.image_struct:
+        if image.type.get_field_index("path") >= 0:
+            paths = pc.struct_field(image, "path").to_pylist()
+        image = pc.struct_field(image, "bytes")
+    data, sizes = _capped(image, limits.max_member_bytes)
+    keys = batch.column(cols.key).to_pylist() if cols.key else [None] * n
+    labels = batch.column(cols.label).to_pylist() if cols.label else [None] * n
+    metas, meta_sizes = [None] * n, [None] * n
+    if cols.meta:
+        meta = batch.column(cols.meta)
+        if _is_text(meta.type):
+            metas, meta_sizes = _capped(meta, limits.max_sidecar_bytes)
+        else:
+            metas = meta.to_pylist()
+    out = []
+    for i in range(n):
+        key = str(keys[i]) if keys[i] is not None else f"{first_row + i:08d}"
+        problem = None
+        if (sizes[i] or 0) > limits.max_member_bytes:
+            problem = _too_large(f"image cell of row {first_row + i}", sizes[i], limits.max_member_bytes,
+                                 "--max-member-bytes")
+        elif (meta_sizes[i] or 0) > limits.max_sidecar_bytes:
+            problem = _too_large(f"metadata cell of row {first_row + i}", meta_sizes[i], limits.max_sidecar_bytes,
+                                 "--max-sidecar-bytes")
+        out.append((key, data[i], _path_ext(paths[i]) if data[i] is not None else "", labels[i], metas[i], problem))
+    return out
 
 
 def _path_ext(path: str | None) -> str:
@@ -446,21 +720,37 @@ def _path_ext(path: str | None) -> str:
     return ext if ext in SUPPORTED_EXTS else ""
 
 
-def _iter_images(spec: ShardSpec, storage_options: StorageOptions) -> Iterator[Member]:
+def _iter_images(spec: ShardSpec, storage_options: StorageOptions, limits: ReadLimits,
+                 tally: ShardTally) -> Iterator[Member]:
     folder = spec.name.rsplit("/", 1)[0]
     builder = _MemberBuilder()
+    tally.members += len(spec.urls)
+    cap = limits.max_member_bytes
     for url in spec.urls:
         rel = _rel(url, folder)
         stem, _, ext = rel.rpartition(".")
         key = stem or rel
-        if key in builder.seen:  # a.png and a.jpg side by side: keep both, the later one by full name
+        if builder.has(key):  # a.png and a.jpg side by side: keep both, the later one by full name
             key = rel
         fs, path = get_fs(url, storage_options)
+        data: bytes | None = None
+        error: str | _Problem | None = None
         try:
-            data, error = fs.cat_file(path), None
+            # One ranged read: never more than the cap (+1 byte to tell "over") in memory.
+            data = fs.cat_file(path, start=0, end=cap + 1)
         except Exception as exc:  # storage backends raise many types
-            data, error = None, describe_storage_error(url, exc)
+            error = describe_storage_error(url, exc)
+        if data is not None and len(data) > cap:
+            size = _file_size(fs, path)
+            data, error = None, _too_large(rel, size if size is not None else len(data), cap, "--max-member-bytes")
         yield builder.image_member(key, data, ext.lower(), error)
+
+
+def _file_size(fs: fsspec.AbstractFileSystem, path: str) -> int | None:
+    try:
+        return fs.size(path)
+    except Exception:  # only for the message
+        return None
 
 
 # --------------------------------------------------------------------------- writing
@@ -602,7 +892,7 @@ def _add_tar_file(tf: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def _parquet_bytes(records: list[_Record]) -> bytes:
     table = pa.table({
-        "key": pa.array([r[0] for r in records], pa.string()),
+        "key": pa.array([escape_key(r[0]) for r in records], pa.string()),  # Latin-1 file names
         "image": pa.array([r[2] for r in records], pa.binary()),
         "label": pa.array([r[3] for r in records], pa.int64()),
     })

@@ -164,3 +164,48 @@ def test_bad_arguments():
         decode_image(png, 2, 4)
     with pytest.raises(ConfigError):
         decode_image(png, 1, 0)
+
+
+# ----------------------------------------------------------------------------- bounded decode (issue 10)
+
+from pipeline.decode import ImageTooLargeError, _over_white  # noqa: E402
+
+
+def huge_canvas_png(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares width x height pixels (CRC fixed)."""
+    png = bytearray(encode(Image.new("RGBA", (1, 1))))
+    png[16:24] = struct.pack(">II", width, height)
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    return bytes(png)
+
+
+def test_too_many_pixels_is_refused_from_the_header():
+    with pytest.raises(ImageTooLargeError, match=r"13000 x 13000 = 169000000 pixels.*--max-pixels"):
+        decode_image(huge_canvas_png(13000, 13000), 1, 8)  # would decode below Pillow's bomb error
+    ok = encode(Image.new("L", (100, 50), 9))
+    assert decode_image(ok, 1, 8, max_pixels=5000).shape == (1, 8, 8)
+    with pytest.raises(ImageTooLargeError, match="over the limit of 4999"):
+        decode_image(ok, 1, 8, max_pixels=4999)
+
+
+def test_alpha_over_white_matches_the_exact_formula():
+    rng = np.random.default_rng(0)
+    for mode, bands in (("RGBA", 4), ("LA", 2)):
+        arr = rng.integers(0, 256, (64, 64, bands), dtype=np.uint8)
+        wide = arr.astype(np.uint16)
+        colour, alpha = wide[..., :-1], wide[..., -1:]
+        expected = (colour * alpha + 255 * (255 - alpha) + 127) // 255
+        got = np.asarray(_over_white(Image.fromarray(arr, mode)))
+        got = got[..., None] if got.ndim == 2 else got
+        assert np.abs(got.astype(int) - expected).max() <= 1
+
+
+def test_large_jpeg_draft_decode_stays_close():
+    y, x = np.mgrid[0:1200, 0:1600]
+    smooth = np.stack([(x / 1600 * 255), (y / 1200 * 255), ((x + y) % 256)], -1)
+    smooth[..., 2] = 128 + 100 * np.sin(x / 60.0) * np.cos(y / 45.0)
+    jpeg = encode(Image.fromarray(smooth.astype(np.uint8)), "JPEG", quality=92)
+    full = Image.open(io.BytesIO(jpeg)).convert("RGB").resize((43, 32), Image.Resampling.BOX).crop((5, 0, 37, 32))
+    got = decode_image(jpeg, 3, 32)
+    diff = np.abs(got.astype(int) - np.asarray(full).transpose(2, 0, 1))
+    assert diff.max() <= 6 and diff.mean() < 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -414,3 +415,158 @@ def test_s3_missing_bucket_and_bad_credentials(s3_server, s3_bucket):
         expand_shards(f"{s3_bucket}/empty/*.tar", so)
     with pytest.raises(StorageError, match="denied"):
         expand_shards(f"{s3_bucket}/x", dict(so, secret="wrong"))
+
+
+# ----------------------------------------------------------------------------- adversarial members (issue 10)
+
+from pipeline.shards import ReadLimits, ShardTally, escape_key, unescape_key  # noqa: E402
+
+LATIN1_NAME = b"caf\xe9".decode("utf-8", "surrogateescape")  # how Python hands over the Latin-1 name b"caf\xe9"
+
+
+def gnu_tar(entries, encoding="utf-8") -> bytes:
+    """entries: (name, bytes) regular files or (name, tarfile type, linkname)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT, encoding=encoding) as tf:
+        for entry in entries:
+            info = tarfile.TarInfo(entry[0])
+            if len(entry) == 2:
+                info.size = len(entry[1])
+                tf.addfile(info, io.BytesIO(entry[1]))
+            else:
+                info.type, info.linkname = entry[1], entry[2]
+                tf.addfile(info)
+    return buf.getvalue()
+
+
+def tar_members(path, **kwargs) -> list[Member]:
+    return list(iter_members(ShardSpec(str(path), "tar", (str(path),)), **kwargs))
+
+
+@pytest.mark.parametrize("text,escaped", [
+    ("plain/key-1", "plain/key-1"), ("ünïcode ok", "ünïcode ok"), ("50%", "50%25"), ("%E9", "%25E9"),
+    (LATIN1_NAME, "caf%E9"), (b"\xff\xfe/%\xe9".decode("utf-8", "surrogateescape"), "%FF%FE/%25%E9"),
+])
+def test_escape_key_is_valid_utf8_and_reversible(text, escaped):
+    assert escape_key(text) == escaped
+    escaped.encode("utf-8")
+    assert unescape_key(escaped) == text
+    assert escape_key(unescape_key(escaped)) == escaped
+
+
+def test_latin1_tar_member_names_become_escaped_keys(tmp_path):
+    path = tmp_path / "latin1.tar"
+    path.write_bytes(gnu_tar([("caf\xe9.png", png(1)), ("caf\xe9.cls", b"4"), ("d\xe9/x.png", png(2))],
+                             encoding="latin-1"))
+    got = tar_members(path)
+    assert [(m.key, m.label, m.error) for m in got] == [("caf%E9", 4, None), ("d%E9/x", None, None)]
+    assert os.fsencode(unescape_key(got[0].key)) == b"caf\xe9"
+
+
+def test_latin1_file_names_in_a_folder_shard(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name, data in [(b"caf\xe9.png", png(1)), (b"ok.png", png(2)), (b"100%.png", png(3))]:
+        (Path(os.fsdecode(os.fsencode(folder) + b"/" + name))).write_bytes(data)
+    got = members(str(folder))
+    assert [(m.key, m.data, m.error) for m in got] == [("100%25", png(3), None), ("caf%E9", png(1), None),
+                                                       ("ok", png(2), None)]
+
+
+def test_labels_outside_int64_are_bad_labels(tmp_path):
+    path = tmp_path / "labels.tar"
+    path.write_bytes(tar_bytes([("a.png", png(1)), ("a.cls", b"99999999999999999999"),
+                                ("b.png", png(2)), ("b.cls", b"-9223372036854775808")]))
+    a, b = tar_members(path)
+    assert (a.error_type, b.error_type, b.label) == ("BadLabel", None, -2 ** 63)
+    assert "int64" in a.error
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"image": pa.array([png(1), png(2)], pa.binary()),
+                             "label": pa.array([2 ** 64 - 1, 5], pa.uint64())}), buf)
+    (tmp_path / "u.parquet").write_bytes(buf.getvalue())
+    assert [(m.error_type, m.label) for m in members(str(tmp_path / "u.parquet"))] == [("BadLabel", None), (None, 5)]
+
+
+def test_adjacent_duplicate_names_are_duplicate_keys(tmp_path):
+    path = tmp_path / "dups.tar"
+    path.write_bytes(tar_bytes([("a.png", png(1)), ("a.png", png(2)), ("b.png", png(3)),
+                                ("c.png", png(4)), ("c.cls", b"1"), ("c.cls", b"2")]))
+    tally = ShardTally()
+    got = tar_members(path, tally=tally)
+    assert [(m.key, m.error_type) for m in got] == [("a", None), ("a#1", "DuplicateKey"), ("b", None),
+                                                    ("c", None), ("c#4", "DuplicateKey")]
+    assert got[0].data == png(1) and tally.members == 5
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_hard_links_read_their_target_and_other_entries_are_dead_letters(tmp_path, gz):
+    import gzip
+    raw = gnu_tar([("a.png", png(1)), ("a.cls", b"7"), ("pad.bin", np.random.default_rng(0).bytes(5000)),
+                   ("b.png", tarfile.LNKTYPE, "./a.png"), ("b.cls", tarfile.LNKTYPE, "a.cls"),
+                   ("c.png", tarfile.LNKTYPE, "missing.png"), ("d.png", tarfile.SYMTYPE, "a.png"),
+                   ("e.png", tarfile.FIFOTYPE, ""), ("f.jpg", tarfile.CHRTYPE, ""), ("g.bmp", tarfile.BLKTYPE, ""),
+                   ("h.png", png(2)), ("h.json", tarfile.SYMTYPE, "/etc/passwd"), ("dir", tarfile.DIRTYPE, "")])
+    path = tmp_path / ("links.tar.gz" if gz else "links.tar")
+    path.write_bytes(gzip.compress(raw, mtime=0) if gz else raw)
+    tally = ShardTally()
+    got = tar_members(path, tally=tally)
+    assert [(m.key, m.error_type) for m in got] == [
+        ("a", None), ("pad", "NotAnImage"), ("b", None), ("c", "UnresolvedLink"), ("d", "NotARegularFile"),
+        ("e", "NotARegularFile"), ("f", "NotARegularFile"), ("g", "NotARegularFile"), ("h", "NotARegularFile")]
+    assert (got[2].data, got[2].label) == (png(1), 7)
+    assert "symbolic link" in got[4].error and "FIFO" in got[5].error
+    assert tally.members == len(got)
+    too_small = tar_members(path, limits=ReadLimits(max_member_bytes=len(png(1)) - 1, max_sidecar_bytes=10))
+    assert too_small[2].error_type == "MemberTooLarge" and "--max-member-bytes" in too_small[2].error
+
+
+def test_member_size_caps_are_checked_before_reading(tmp_path):
+    limits = ReadLimits(max_member_bytes=1000, max_sidecar_bytes=20)
+    big = np.random.default_rng(0).bytes(1001)
+    (tmp_path / "t.tar").write_bytes(tar_bytes([("a.png", big), ("b.png", png(1)), ("b.json", b'{"k": "' + b"x" * 20 + b'"}'),
+                                                ("c.png", png(1)), ("c.json", b'{"x": NaN}')]))
+    got = tar_members(tmp_path / "t.tar", limits=limits)
+    assert [m.error_type for m in got] == ["MemberTooLarge", "MemberTooLarge", "BadMeta"]
+    assert "--max-member-bytes" in got[0].error and "--max-sidecar-bytes" in got[1].error
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "big.png").write_bytes(big)
+    (tmp_path / "imgs" / "ok.png").write_bytes(png(1))
+    spec = expand_shards(str(tmp_path / "imgs"))[0]
+    assert [m.error_type for m in iter_members(spec, limits=limits)] == ["MemberTooLarge", None]
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"image": pa.array([big, png(1), png(2)], pa.binary()),
+                             "json": ['{"a": 1}', '{"a": "' + "y" * 30 + '"}', '{"a": Infinity}']}), buf)
+    (tmp_path / "p.parquet").write_bytes(buf.getvalue())
+    got = list(iter_members(expand_shards(str(tmp_path / "p.parquet"))[0], limits=limits))
+    assert [m.error_type for m in got] == ["MemberTooLarge", "MemberTooLarge", "BadMeta"]
+
+
+def test_tally_counts_what_the_shard_contains(tmp_path):
+    path = tmp_path / "s.tar"
+    path.write_bytes(tar_bytes([(f"{i}.png", png(i)) for i in range(4)] + [("x.txt", b"t")]))
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(path.read_bytes()[:1024 * 2 + 600])
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"image": pa.array([png(i) for i in range(7)], pa.binary())}), buf, row_group_size=3)
+    (tmp_path / "p.parquet").write_bytes(buf.getvalue())
+    (tmp_path / "junk.tar").write_bytes(b"junk" * 300)
+    for name, n in [("s.tar", 5), ("cut.tar", 3), ("p.parquet", 7), ("junk.tar", 1)]:
+        [spec] = expand_shards(str(tmp_path / name))
+        tally = ShardTally()
+        assert len(list(iter_members(spec, tally=tally))) == tally.members == n, name
+
+
+def test_s3_adversarial_tar_members(s3_server, s3_bucket):
+    so = s3_server.storage_options
+    s3 = s3_server.filesystem()
+    s3.pipe_file(f"{s3_bucket[5:]}/adv/s.tar", gnu_tar([
+        ("caf\xe9.png", png(1)), ("caf\xe9.cls", b"99999999999999999999"), ("ok.png", png(2)), ("ok.png", png(3)),
+        ("lnk.png", tarfile.LNKTYPE, "ok.png"), ("sym.png", tarfile.SYMTYPE, "ok.png"),
+        ("big.png", np.random.default_rng(0).bytes(2000))], encoding="latin-1"))
+    [spec] = expand_shards(f"{s3_bucket}/adv", so)
+    tally = ShardTally()
+    got = list(iter_members(spec, so, limits=ReadLimits(1000, 100), tally=tally))
+    assert [(m.key, m.error_type) for m in got] == [
+        ("caf%E9", "BadLabel"), ("ok", None), ("ok#2", "DuplicateKey"), ("lnk", None), ("sym", "NotARegularFile"),
+        ("big", "MemberTooLarge")]
+    assert got[3].data == png(3) and tally.members == 6  # a link names the latest member of that name, as tar does
