@@ -129,3 +129,77 @@ def test_embed_survives_injected_s3_faults(s3_server, s3_bucket, fault_proxy, fa
     assert not fs.exists(f"{_bare(s3_bucket)}/faulty/errors")  # no dead letters from storage hiccups
     _assert_same_rows(_rows(f"{_bare(s3_bucket)}/faulty/dt={RUN_DATE}", fs),
                       _rows(f"{_bare(s3_bucket)}/clean/dt={RUN_DATE}", fs))
+
+
+# --------------------------------------------------------------------------- S3 down mid-run
+
+def _outputs(fs, part: str) -> list[str]:
+    fs.invalidate_cache()
+    try:
+        return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(part) if p.endswith(".parquet"))
+    except FileNotFoundError:
+        return []
+
+
+def test_s3_outage_mid_run_fails_in_one_line_and_rerun_matches(restartable_s3, tiny_checkpoint, tmp_path):
+    """SeaweedFS is stopped once the first shard is committed: the run fails within its retry
+    bounds with one ``Error:`` line and no ``_SUCCESS``; after a restart (same data, same ports)
+    the rerun skips the shards that were committed and its rows equal an undisturbed run's."""
+    from pipeline.options import EmbedOptions
+    from pipeline.run import run_embed
+    from pipeline.shards import write_shards
+
+    server = restartable_s3.server
+    so = server.storage_options
+    fs = server.filesystem()
+    fs.mkdir("outage")
+    # The 600 images of fashion_shards, in 12 shards: the outage lands while most are still to do.
+    source = str(REPO / "data/demo/fashion-mnist-2k-images-idx3-ubyte.gz")
+    shards = write_shards(source, "s3://outage/shards", fmt="tar", shard_size=50, limit=600, storage_options=so)
+    fs.put_file(tiny_checkpoint, "outage/models/tiny.safetensors")
+    data_url, ckpt_url = "s3://outage/shards/", "s3://outage/models/tiny.safetensors"
+    # The undisturbed run: the same shards on local disk, scored in this process with the one torch
+    # thread that each of the command's two worker processes gets on this 2-core box.
+    local = tmp_path / "shards"
+    write_shards(source, str(local), fmt="tar", shard_size=50, limit=600)
+    run_embed(str(local), EmbedOptions(tiny_checkpoint, str(tmp_path / "clean"), batch_size=64, run_date=RUN_DATE,
+                                       torch_threads=1))
+    want = _rows(str(tmp_path / "clean" / f"dt={RUN_DATE}"))
+
+    # The user's retry setting replaces vaepipe's (storage module docstring): 3 attempts, so each
+    # request to the stopped server gives up after at most 1 + 2 s of backoff.
+    so["config_kwargs"]["retries"] = {"max_attempts": 3, "mode": "standard"}
+    so_json = json.dumps(so)
+    part = f"outage/out/dt={RUN_DATE}"
+    t0 = time.monotonic()
+    proc = _embed(data_url, ckpt_url, "s3://outage/out/", so_json)
+    while not _outputs(fs, part):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() - t0 < 90, "no shard committed within 90 s"
+        time.sleep(0.05)
+    restartable_s3.stop()
+    stopped = time.monotonic()
+    rc, _, err = _finish(proc, timeout=120)
+    failed_after = time.monotonic() - stopped
+    lines = _error_lines(err)
+    assert rc != 0 and len(lines) == 1 and err.strip().splitlines()[-1] == lines[0], err[-3000:]
+    assert server.endpoint_url.removeprefix("http://") in lines[0], lines[0]  # names the unreachable endpoint
+    assert failed_after < 60, failed_after
+
+    restartable_s3.start()
+    assert restartable_s3.starts == 2
+    fs = server.filesystem()
+    done = _outputs(fs, part)
+    assert 1 <= len(done) < len(shards), done
+    assert not fs.exists(f"{part}/_SUCCESS")
+
+    rc, out, err = _finish(_embed(data_url, ckpt_url, "s3://outage/out/", so_json))
+    assert rc == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["reconciled"] and summary["totals"]["rows"] == 600
+    assert summary["totals"]["shards"] == len(shards) and summary["totals"]["shards_skipped"] >= len(done)
+    fs.invalidate_cache()
+    assert fs.exists(f"{part}/_SUCCESS")
+    _assert_same_rows(_rows(part, fs), want)
+    print(f"outage: {len(done)}/{len(shards)} shards committed before it; the run failed "
+          f"{failed_after:.1f}s after the stop: {lines[0]}")
