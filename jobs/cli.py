@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import click
 
-from vae_model.errors import VaePipeError
+from vae_model.errors import VaePipeError, worker_failure
 from vae_model.runtime import skip_exit_gc
 from vae_model.storage import parse_storage_options
 
@@ -35,17 +35,25 @@ def handle_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
-        except VaePipeError as exc:
-            raise click.ClickException(_one_line(exc)) from None
-        except (OSError, ValueError) as exc:
-            raise click.ClickException(f"{type(exc).__name__}: {_one_line(exc)}") from None
         except KeyboardInterrupt:
             raise click.Abort() from None
-        except Exception as exc:  # a bug: still one line, with a way to get the trace
-            raise click.ClickException(f"internal error {type(exc).__name__}: {_one_line(exc)} "
-                                       "(rerun with VAEPIPE_DEBUG=1 for the traceback)") from None
+        except Exception as exc:
+            raise _one_line_error(exc) from None
 
     return wrapper
+
+
+def _one_line_error(exc: Exception) -> click.ClickException:
+    cause = worker_failure(exc)  # a pipeline worker's failure, however the runner wrapped it
+    if cause is not None:
+        return click.ClickException(cause)
+    if isinstance(exc, VaePipeError):
+        return click.ClickException(_one_line(exc))
+    if isinstance(exc, (OSError, ValueError)):
+        return click.ClickException(f"{type(exc).__name__}: {_one_line(exc)}")
+    # a bug: still one line, with a way to get the trace
+    return click.ClickException(f"internal error {type(exc).__name__}: {_one_line(exc)} "
+                                "(rerun with VAEPIPE_DEBUG=1 for the traceback)")
 
 
 def storage_option(fn: Callable) -> Callable:
@@ -279,38 +287,38 @@ def evaluate(data_url: str, checkpoint_url: str, iwae_k: int, batch_size: int, l
     click.echo(json.dumps(res))
 
 
+def embed_flags(fn: Callable) -> Callable:
+    """The embed run's flags, from the one list in pipeline.options (EMBED_FLAGS)."""
+    from pipeline.options import EMBED_FLAGS, REQUIRED_FLAGS, flag_default
+
+    for f in reversed(EMBED_FLAGS):
+        default = flag_default(f.field)
+        if f.field in REQUIRED_FLAGS:
+            fn = click.option(f.flag, f.field, required=True, help=f.help)(fn)
+        elif isinstance(default, bool):
+            fn = click.option(f"{f.flag}/--no-{f.flag[2:]}", f.field, default=default, show_default=True,
+                              help=f.help)(fn)
+        else:
+            kind = click.Choice(f.choices) if f.choices else type(default) if default is not None else str
+            fn = click.option(f.flag, f.field, type=kind, default=default, show_default=default is not None,
+                              metavar=f.metavar, help=f.help)(fn)
+    return fn
+
+
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("data_url")
-@click.option("--checkpoint", "checkpoint_url", required=True, help="Checkpoint URL.")
-@click.option("--out", "out_url", required=True, help="Output folder/prefix URL for Parquet files.")
-@click.option("--batch-size", default=256, show_default=True, help="Images scored per forward pass.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--score", type=click.Choice(["elbo", "iwae", "complexity", "typicality"]), default="elbo",
-              show_default=True,
-              help="anomaly_score: -ELBO (nats); -IWAE_k (nats); complexity = -ELBO bits minus lossless-coder bits "
-                   "(Serra et al. 2020); typicality = -log density of (-ELBO bits, coder bits) among validation "
-                   "images (best for out-of-distribution inputs).")
-@click.option("--iwae-k", default=64, show_default=True, help="Importance samples for --score iwae.")
-@click.option("--threshold-quantile", default=0.99, show_default=True,
-              help="is_anomaly = score above this quantile of the checkpoint's validation scores.")
-@click.option("--run-date", default=None, metavar="YYYY-MM-DD", help="Write under OUT/dt=YYYY-MM-DD/.")
-@click.option("--skip-existing/--no-skip-existing", default=True, show_default=True,
-              help="Skip shards whose output exists for the same model_id and score.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-              help="auto: bf16 on CUDA, fp32 on CPU (rows reproducible to 1e-5).")
-@click.option("--torch-threads", default=0, show_default=True, help="Threads per worker (0: automatic).")
+@embed_flags
 @storage_option
 @click.pass_context
 @handle_errors
-def embed(ctx: click.Context, data_url: str, checkpoint_url: str, out_url: str, batch_size: int, device: str,
-          score: str, iwae_k: int, threshold_quantile: float, run_date: str | None, skip_existing: bool,
-          precision: str, torch_threads: int, storage_options: str | None) -> None:
+def embed(ctx: click.Context, data_url: str, storage_options: str | None, **values: Any) -> None:
     """Embed and anomaly-score every image in the shards at DATA_URL with Apache Beam.
 
     Writes one zstd Parquet file per input shard under OUT (one row per image), dead letters
-    under OUT/errors/, then OUT/_manifest.json and OUT/_SUCCESS. Any other flag goes to Beam's
-    PipelineOptions (--runner, --direct_num_workers, --dask_client_address, ...). Locally on a
-    CPU machine it runs min(cores, shards, 8) worker processes unless --direct_* flags say otherwise.
+    under OUT/errors/, then OUT/_manifest.json and OUT/_SUCCESS. Other flags go to Beam's
+    PipelineOptions when Beam knows them (--runner, --direct_num_workers, --dask_client_address,
+    ...); any other flag is refused. Locally on a CPU machine it runs min(cores, shards, 8)
+    worker processes unless --direct_* flags say otherwise.
 
     \b
     Example:
@@ -321,10 +329,8 @@ def embed(ctx: click.Context, data_url: str, checkpoint_url: str, out_url: str, 
     from pipeline.run import run_embed
 
     logging.getLogger("pipeline").setLevel(logging.INFO)
-    opts = EmbedOptions(checkpoint=checkpoint_url, out_url=out_url, batch_size=batch_size, device=device,
-                        score=score, iwae_k=iwae_k, threshold_quantile=threshold_quantile, run_date=run_date,
-                        skip_existing=skip_existing, precision=precision, torch_threads=torch_threads,
-                        storage_options=_so(storage_options))
+    opts = EmbedOptions(**values, storage_options=_so(storage_options))
+
     def show(progress) -> None:
         click.echo(f"  {progress}", err=True)
 

@@ -21,7 +21,8 @@ import pyarrow as pa
 import torch
 
 from pipeline.decode import decode_image
-from pipeline.options import EmbedOptions, check_score_supported, output_name
+from pipeline.lease import check_driver
+from pipeline.options import EmbedOptions, check_score_supported, output_key, output_name, resolved_precision
 from pipeline.schema import ERROR_SCHEMA, latent_schema
 from pipeline.shards import ReadLimits, ShardSpec, ShardTally, escape_key, iter_members, printable
 from pipeline.writer import AtomicParquetWriter, read_metadata
@@ -42,11 +43,8 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
-    # CPU default is fp32: rows must agree to 1e-5 whatever the batch size or runner, and bf16
-    # rounding (about 3 significant digits) does not; on CUDA bf16 is the throughput default.
-    if requested != "auto":
-        return requested
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return resolved_precision(requested, device.type, bf16_supported=bf16)
 
 
 class _Prefetch:
@@ -101,7 +99,11 @@ class ShardEmbedder:
             log.warning("checkpoint has no validation quantiles for score %r: anomaly_percentile and is_anomaly "
                         "will be null", opts.score)
         self.run_date = dt.date.fromisoformat(opts.run_date) if opts.run_date else None
+        self.output_key, settings = output_key(opts, self.ckpt.model_id, calibration_id(self.ckpt.meta),
+                                               self.score_opts.precision)
         self.file_meta = {
+            "vaepipe.output_key": self.output_key,
+            "vaepipe.settings": json.dumps(settings, sort_keys=True, default=str),
             "vaepipe.model_id": self.ckpt.model_id,
             "vaepipe.calibration": calibration_id(self.ckpt.meta),
             "vaepipe.config": json.dumps(self.cfg.to_dict(), sort_keys=True),
@@ -119,14 +121,11 @@ class ShardEmbedder:
         return join(self.opts.errors_url, output_name(spec))
 
     def existing(self, spec: ShardSpec) -> dict | None:
-        """Summary of a complete earlier output for this shard with the same model and score."""
+        """Summary of a complete earlier output for this shard written with the same output key
+        (model, calibration and every option that changes a row: :func:`output_key`)."""
         md = read_metadata(self.rows_url(spec), self.opts.storage_options)
-        if not md or md.get("vaepipe.model_id") != self.ckpt.model_id:
+        if not md or md.get("vaepipe.output_key") != self.output_key:
             return None
-        if md.get("vaepipe.score") != self.opts.score or md.get("vaepipe.iwae_k") != str(self.opts.iwae_k):
-            return None
-        if md.get("vaepipe.calibration", "") != self.file_meta["vaepipe.calibration"]:
-            return None  # recalibrated since: scores and percentiles change
         try:
             counts = json.loads(md["vaepipe.counts"])
         except (KeyError, json.JSONDecodeError):
@@ -194,6 +193,7 @@ class ShardEmbedder:
 
     def process(self, spec: ShardSpec) -> dict:
         """Embed one shard (or skip it if its output is complete); returns its summary."""
+        check_driver(self.opts)  # a worker whose driver died or lost its lease commits nothing more
         if self.opts.skip_existing:
             done = self.existing(spec)
             if done is not None:
@@ -207,19 +207,13 @@ class ShardEmbedder:
         writer = AtomicParquetWriter(self.rows_url(spec), self.schema, so)
         try:
             for batch in _Prefetch(self._decoded(spec, errors, tally)):
-                pixels = np.stack([b[4] for b in batch])
-                keys = [b[0] for b in batch]
-                try:
-                    s = score_batch(self.ckpt.model, pixels, None, self.score_opts, self.device)
-                except (RuntimeError, ValueError) as exc:  # e.g. out of memory on a huge batch
-                    errors.extend(self._error(k, spec, b[1], "score", type(exc).__name__, str(exc))
-                                  for k, b in zip(keys, batch))
-                    continue
-                writer.write(self._record_batch(spec, batch, s))
+                for part, s in self._scored(spec, batch, errors):
+                    writer.write(self._record_batch(spec, part, s))
             # members: what the shard contains, counted by the reader; reconciled against rows + errors
             counts = {"members": tally.members, "images_seen": writer.rows + len(errors), "rows": writer.rows,
                       "errors": len(errors)}
             self._write_errors(spec, errors)
+            check_driver(self.opts, lease=False)
             writer.commit({**self.file_meta, "vaepipe.shard": escape_key(spec.name),
                            "vaepipe.counts": json.dumps(counts)})
         except BaseException:
@@ -232,6 +226,27 @@ class ShardEmbedder:
                  secs, counts["images_seen"] / max(secs, 1e-9))
         return {"shard": spec.name, "output": self.rows_url(spec), **counts, "skipped": False,
                 "started_at": started, "seconds": round(secs, 4), "pid": os.getpid()}
+
+    def _score(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        return score_batch(self.ckpt.model, pixels, None, self.score_opts, self.device)
+
+    def _scored(self, spec: ShardSpec, batch: list, errors: list[dict]) -> Iterator[tuple[list, dict]]:
+        """Score a batch; when that fails (out of memory, ...) score its halves, down to single
+        images, so one failure costs the fewest images (dead letters) and never the job."""
+        try:
+            scores = self._score(np.stack([b[4] for b in batch]))
+        except (MemoryError, RuntimeError, ValueError) as exc:  # RuntimeError: torch's out of memory
+            failure = (type(exc).__name__, " ".join(str(exc).split()))  # not exc: its frames hold the batch
+        else:
+            yield batch, scores
+            return
+        if len(batch) == 1:
+            errors.append(self._error(batch[0][0], spec, batch[0][1], "score", *failure))
+            return
+        log.warning("%s: scoring %d images failed (%s: %.200s); retrying in halves", spec.name, len(batch), *failure)
+        mid = len(batch) // 2
+        yield from self._scored(spec, batch[:mid], errors)
+        yield from self._scored(spec, batch[mid:], errors)
 
     def _write_errors(self, spec: ShardSpec, errors: list[dict]) -> None:
         url = self.errors_url(spec)

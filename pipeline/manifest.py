@@ -5,31 +5,41 @@ import datetime as dt
 import json
 from typing import Any
 
+from pipeline.lease import RunAbandonedError, read_lease
+from pipeline.partition import data_files, delete_files
 from vae_model.storage import StorageOptions, atomic_write_bytes, fresh_fs, join
 
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 
 
-def build_manifest(summaries: list[dict], context: dict[str, Any]) -> dict[str, Any]:
+def build_manifest(summaries: list[dict], context: dict[str, Any], files: list[str] | None = None) -> dict[str, Any]:
+    """The manifest of a partition: this run's shard summaries, the other shards' files it kept
+    (``--mode append``), totals over both, and ``files``, every rows file in the partition."""
     shards = sorted(summaries, key=lambda s: s["shard"])
-    totals = {k: sum(s[k] for s in shards) for k in ("images_seen", "rows", "errors")}
-    totals["shards"] = len(shards)
+    kept = sorted(context.get("kept", []), key=lambda s: s["shard"])
+    totals = {k: sum(s.get(k, 0) for s in shards + kept) for k in ("images_seen", "rows", "errors")}
+    totals["shards"] = len(shards) + len(kept)
     totals["shards_skipped"] = sum(1 for s in shards if s.get("skipped"))
+    expected = sorted(s["output"].rsplit("/", 1)[-1] for s in shards + kept)
     finished = dt.datetime.now(dt.timezone.utc)
     started = dt.datetime.fromisoformat(context["started_at"])
     secs = (finished - started).total_seconds()
     worked = [s for s in shards if not s.get("skipped")]
     return {
-        **{k: v for k, v in context.items() if k != "inputs"},
+        **{k: v for k, v in context.items() if k not in ("inputs", "kept", "delete", "lease_owner")},
         "finished_at": finished.isoformat(timespec="milliseconds"),
         "seconds": round(secs, 3),
         "images_per_s": round(sum(s["images_seen"] for s in worked) / secs, 2) if secs > 0 else None,
         "worker_processes": len({s.get("pid") for s in worked}),
         "totals": totals,
-        "reconciled": all(_reconciled(s) for s in shards) and len(shards) == len(context.get("inputs", shards)),
+        "reconciled": all(_reconciled(s) for s in shards + kept) and len(shards) == len(context.get("inputs", shards))
+        and (files is None or files == expected),
         "inputs": context.get("inputs", []),
         "shards": shards,
+        "kept": kept,
+        "deleted": context.get("delete", []),
+        "files": expected if files is None else files,
     }
 
 
@@ -44,9 +54,18 @@ def _reconciled(summary: dict) -> bool:
 
 
 def write_manifest(summaries: list[dict], context: dict[str, Any], storage_options: StorageOptions = None) -> dict:
-    """Write ``_manifest.json`` then ``_SUCCESS`` under the run's partition URL."""
-    manifest = build_manifest(summaries, context)
+    """Write ``_manifest.json`` then ``_SUCCESS`` under the run's partition URL.
+
+    Runs once every shard is committed: first checks that the run still holds the partition's
+    lease, then deletes the other shards' files ``--mode overwrite`` replaces, then lists the
+    partition so the manifest names every file in it."""
     base = context["partition_url"]
+    owner = context.get("lease_owner")
+    if owner and (read_lease(base, storage_options) or {}).get("owner") != owner:
+        raise RunAbandonedError(f"{base}: this run no longer holds the output lease; no manifest written")
+    delete_files([join(d, name) for name in context.get("delete", []) for d in (base, context["errors_url"])],
+                 storage_options)
+    manifest = build_manifest(summaries, context, data_files(base, storage_options))
     atomic_write_bytes(join(base, MANIFEST), json.dumps(manifest, indent=2).encode(), storage_options)
     atomic_write_bytes(join(base, SUCCESS), b"", storage_options)
     return manifest

@@ -7,21 +7,29 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import re
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any
 
-from pipeline.shards import ShardSpec
-from vae_model.checkpoint_header import CheckpointInfo
 from vae_model.config import SCORES
 from vae_model.errors import ConfigError
-from vae_model.storage import join
+
+if TYPE_CHECKING:  # kept out of the import: the CLI builds its flags from this module
+    from pipeline.shards import ShardSpec
+    from vae_model.checkpoint_header import CheckpointInfo
 
 # Read limits (documented in README, "Nothing lost, safe reruns"). 40 Mpx is a 7,700 x 5,200 photo,
 # well below Pillow's bomb limit (89 Mpx warn, 179 Mpx error); decoded RGBA that is 160 MB.
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_MEMBER_BYTES = 64 << 20
 DEFAULT_MAX_SIDECAR_BYTES = 1 << 20
+PRECISIONS = ("auto", "fp32", "bf16")
+MODES = ("refuse", "append", "overwrite")
+# (option, smallest, largest): checked on the driver, so a bad value fails before anything is written.
+# IWAE memory is bounded by chunking whatever k is; the bound on k bounds the time (k decoder passes an image).
+_INT_RANGES = (("batch_size", 1, 65536), ("iwae_k", 1, 10000), ("torch_threads", 0, 1024), ("seed", 0, 2 ** 63 - 1),
+               ("max_pixels", 1, 2 ** 40), ("max_member_bytes", 1, 2 ** 40), ("max_sidecar_bytes", 0, 2 ** 40))
 
 
 def _cuda_available() -> bool:
@@ -46,22 +54,31 @@ class EmbedOptions:
     precision: str = "auto"  # auto | fp32 | bf16
     torch_threads: int = 0  # 0: torch's default
     seed: int = 0
+    mode: str = "refuse"  # refuse | append | overwrite: what to do with a partition that holds other shards' rows
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images (width x height) become dead letters
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES  # larger encoded images become dead letters
     max_sidecar_bytes: int = DEFAULT_MAX_SIDECAR_BYTES  # larger .json/.cls sidecars become dead letters
     storage_options: dict[str, Any] | None = None
+    # Set by the driver for its workers (not user options): the output lease this run holds and
+    # the driver process, so that workers stop when their driver is gone (pipeline.lease).
+    lease_owner: str | None = None
+    driver: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError("--batch-size must be >= 1")
+        for name, lo, hi in _INT_RANGES:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise ConfigError(f"--{name.replace('_', '-')} {value!r}: must be an integer from {lo:,} to {hi:,}")
         if self.score not in SCORES:
             raise ConfigError(f"--score {self.score}: choose one of {', '.join(SCORES)}")
-        if self.iwae_k < 1:
-            raise ConfigError("--iwae-k must be >= 1")
-        if not 0 < self.threshold_quantile < 1:
+        if not isinstance(self.threshold_quantile, (int, float)) or not 0 < self.threshold_quantile < 1:
             raise ConfigError("--threshold-quantile must be between 0 and 1, e.g. 0.99")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError("--device must be auto, cpu or cuda")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
+        if self.mode not in MODES:
+            raise ConfigError(f"--mode {self.mode}: choose one of {', '.join(MODES)}")
         if self.device == "cuda" and not _cuda_available():
             raise ConfigError("--device cuda: no CUDA device is available here; use --device auto or cpu")
         if self.run_date is not None:
@@ -72,12 +89,65 @@ class EmbedOptions:
 
     @property
     def partition_url(self) -> str:
-        return join(self.out_url, f"dt={self.run_date}") if self.run_date else self.out_url
+        return _join(self.out_url, f"dt={self.run_date}") if self.run_date else self.out_url
 
     @property
     def errors_url(self) -> str:
-        base = join(self.out_url, "errors")
-        return join(base, f"dt={self.run_date}") if self.run_date else base
+        base = _join(self.out_url, "errors")
+        return _join(base, f"dt={self.run_date}") if self.run_date else base
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag of an embed run; type and default come from the EmbedOptions field."""
+
+    field: str
+    help: str
+    name: str = ""  # default: --field-name
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return self.name or "--" + self.field.replace("_", "-")
+
+
+# The one list of an embed run's flags: ``vaepipe embed`` (click) and ``python -m pipeline.run``
+# (argparse) are both built from it, with EmbedOptions' defaults.
+EMBED_FLAGS: tuple[Flag, ...] = (
+    Flag("checkpoint", "Checkpoint URL."),
+    Flag("out_url", "Output folder/prefix URL for Parquet files.", name="--out"),
+    Flag("batch_size", "Images scored per forward pass."),
+    Flag("device", "Where to score.", choices=("auto", "cpu", "cuda")),
+    Flag("score", "anomaly_score: -ELBO (nats); -IWAE_k (nats); complexity = -ELBO bits minus lossless-coder bits "
+                  "(Serra et al. 2020); typicality = -log density of (-ELBO bits, coder bits) among validation "
+                  "images plus a latent nearest-neighbour density (best for out-of-distribution inputs).",
+         choices=SCORES),
+    Flag("iwae_k", "Importance samples for --score iwae."),
+    Flag("threshold_quantile", "is_anomaly = score above this quantile of the checkpoint's validation scores."),
+    Flag("run_date", "Write under OUT/dt=YYYY-MM-DD/.", metavar="YYYY-MM-DD"),
+    Flag("skip_existing", "Skip shards whose output exists with the same model, calibration and settings."),
+    Flag("mode", "A partition that already holds rows of shards this run does not read: refuse, append "
+                 "(same model, calibration and settings only) or overwrite (those rows are deleted once "
+                 "this run has committed every shard).", choices=MODES),
+    Flag("precision", "auto: bf16 on CUDA, fp32 on CPU (rows reproducible to 1e-5).", choices=PRECISIONS),
+    Flag("torch_threads", "Threads per worker (0: automatic)."),
+    Flag("seed", "Base seed of the per-image noise of stochastic scores."),
+    Flag("max_pixels", "Images with more pixels (width x height) become dead letters (ImageTooLarge)."),
+    Flag("max_member_bytes", "Encoded images larger than this become dead letters (MemberTooLarge)."),
+    Flag("max_sidecar_bytes", "Sidecars (.json, .cls, metadata cells) larger than this become dead letters."),
+)
+REQUIRED_FLAGS = ("checkpoint", "out_url")
+
+
+def flag_default(field_name: str) -> Any:
+    return EmbedOptions.__dataclass_fields__[field_name].default
+
+
+def _join(url: str, part: str) -> str:
+    from vae_model.storage import join  # fsspec: not needed to build the CLI
+
+    return join(url, part)
 
 
 def output_name(spec: ShardSpec) -> str:
@@ -85,8 +155,37 @@ def output_name(spec: ShardSpec) -> str:
     stem = spec.name.rstrip("/").rsplit("/", 1)[-1]
     stem = re.sub(r"\.(tar|parquet|tgz|tar\.gz)$", "", stem)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)[:80] or "shard"
-    digest = hashlib.sha256(spec.name.encode()).hexdigest()[:10]
+    digest = hashlib.sha256(spec.name.encode("utf-8", "surrogateescape")).hexdigest()[:10]  # names may carry raw bytes
     return f"{stem}-{digest}.parquet"
+
+
+# EmbedOptions fields that never change what a row holds (rows do not depend on batch size,
+# worker count, threads or device: README, "Anomaly scores"). Every other field, present or
+# future, is part of :func:`output_key`, so a new option cannot be forgotten by skip-existing.
+ROW_NEUTRAL_OPTIONS = frozenset({"checkpoint", "out_url", "batch_size", "device", "skip_existing", "torch_threads",
+                                 "storage_options", "mode", "lease_owner", "driver"})
+SCORE_VERSION = "1"  # bump when a score's computation changes: outputs written before are then redone
+
+
+def output_key(opts: EmbedOptions, model_id: str, calibration: str, precision: str) -> tuple[str, dict]:
+    """What a shard's output depends on besides its input: ``(hash, settings)``.
+
+    ``precision`` is the resolved one (``auto`` means fp32 on CPU, bf16 on CUDA). Skip-existing
+    reuses an output only when its stored hash equals this one; ``--mode append`` adds to a
+    partition only when every file there has it.
+    """
+    settings = {f.name: getattr(opts, f.name) for f in fields(opts) if f.name not in ROW_NEUTRAL_OPTIONS}
+    settings.update(precision=precision, model_id=model_id, calibration=calibration, score_version=SCORE_VERSION)
+    blob = json.dumps(settings, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:20], settings
+
+
+def resolved_precision(requested: str, device_type: str, bf16_supported: bool = True) -> str:
+    """The scoring precision: ``auto`` is fp32 on CPU (rows must agree to 1e-5 whatever the batch
+    size or runner, and bf16 rounding does not) and bf16 on CUDA (the throughput default there)."""
+    if requested != "auto":
+        return requested
+    return "bf16" if device_type == "cuda" and bf16_supported else "fp32"
 
 
 def check_score_supported(opts: EmbedOptions, ckpt: CheckpointInfo) -> dict | None:
@@ -100,5 +199,6 @@ def check_score_supported(opts: EmbedOptions, ckpt: CheckpointInfo) -> dict | No
 
 def options_dict(opts: EmbedOptions) -> dict:
     d = asdict(opts)
-    d.pop("storage_options", None)  # may hold credentials
+    for name in ("storage_options", "lease_owner", "driver"):  # credentials; run bookkeeping
+        d.pop(name, None)
     return d

@@ -20,6 +20,7 @@ from apache_beam.utils.shared import Shared
 from pipeline.options import EmbedOptions
 from pipeline.manifest import write_manifest
 from pipeline.shards import ShardSpec, expand_shards
+from vae_model.errors import worker_error
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +73,19 @@ class EmbedShardFn(beam.DoFn):
 
     def setup(self) -> None:
         # Loaded once per worker process and shared by its DoFn instances.
-        handle = self._shared.acquire(lambda: _EmbedderHandle(self.opts),
-                                      tag=f"{self.opts.checkpoint}|{self.opts.device}|{self.opts.torch_threads}")
+        try:
+            handle = self._shared.acquire(lambda: _EmbedderHandle(self.opts),
+                                          tag=f"{self.opts.checkpoint}|{self.opts.device}|{self.opts.torch_threads}")
+        except Exception as exc:  # the driver prints the cause, whatever the runner wraps it in
+            raise worker_error(exc) from exc
         self.embedder = handle.embedder
         self._handle = handle
 
     def process(self, spec: ShardSpec):
-        summary = self.embedder.process(spec)
+        try:
+            summary = self.embedder.process(spec)
+        except Exception as exc:  # the driver prints the cause, whatever the runner wraps it in
+            raise worker_error(exc) from exc
         self.shards.inc()
         if summary.get("skipped"):
             self.skipped.inc()
@@ -109,4 +116,11 @@ class WriteManifest(beam.PTransform):
     def expand(self, summaries):
         return (summaries
                 | "CollectSummaries" >> beam.combiners.ToList()
-                | "WriteManifest" >> beam.Map(write_manifest, self.context, self.storage_options))
+                | "WriteManifest" >> beam.Map(_write_manifest, self.context, self.storage_options))
+
+
+def _write_manifest(summaries: list[dict], context: dict, storage_options: dict | None) -> dict:
+    try:
+        return write_manifest(summaries, context, storage_options)
+    except Exception as exc:  # the driver prints the cause, whatever the runner wraps it in
+        raise worker_error(exc) from exc

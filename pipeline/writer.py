@@ -83,9 +83,26 @@ class AtomicParquetWriter:
             os.unlink(self.tmp)
 
 
+def check_writable(url: str, storage_options: StorageOptions = None) -> None:
+    """Write and delete a probe object under ``url``: a read-only disk, a missing bucket or
+    missing write permission fails here, before a run writes anything."""
+    probe = url.rstrip("/") + f"/_vaepipe_write_probe-{uuid.uuid4().hex}"
+    fs, path = get_fs(probe, storage_options)
+    try:
+        if is_local(fs):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        fs.pipe_file(path, b"")
+        fs.rm(path)
+    except Exception as exc:  # storage backends raise many types
+        raise StorageError(f"output not writable: {describe_storage_error(url, exc)}") from None
+
+
 def remove_stale_temp_files(url: str, storage_options: StorageOptions = None) -> int:
     """Delete temp files a killed earlier run left in a local output folder (object stores
-    never see them: there the temp file is on the worker's local disk). Returns the count."""
+    never see them: there the temp file is on the worker's local disk). Returns the count.
+
+    Call it only while holding the partition's lease (:mod:`pipeline.lease`): then every temp
+    file there belongs to a run that is gone."""
     fs, path = get_fs(url, storage_options)
     if not is_local(fs) or not os.path.isdir(path):
         return 0

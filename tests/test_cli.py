@@ -117,7 +117,7 @@ def test_embed_uses_the_local_cores_by_default(fashion_shards, tiny_checkpoint, 
     number of shards), not Beam's single process."""
     import os
 
-    from pipeline.run import _cores, _gpu_present
+    from pipeline.runner_args import cores as _cores, gpu_present as _gpu_present
 
     if _gpu_present():
         pytest.skip("a GPU machine scores in one process by default")

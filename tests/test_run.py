@@ -1,17 +1,17 @@
-"""pipeline.run: the local-parallelism default (the runs themselves are in test_embed.py)."""
+"""pipeline.runner_args: the local-parallelism default (the runs themselves are in test_embed.py)."""
 import os
 
 import pytest
 
-from pipeline import run
-from pipeline.run import MAX_LOCAL_WORKERS, local_parallelism_args
+from pipeline import runner_args as run
+from pipeline.runner_args import MAX_LOCAL_WORKERS, local_parallelism_args
 
 
 @pytest.fixture
 def cpu_box(monkeypatch):
     """Pretend to be a CPU-only machine with 4 cores (the policy reads only these two facts)."""
-    monkeypatch.setattr(run, "_cores", lambda: 4)
-    monkeypatch.setattr(run, "_gpu_present", lambda: False)
+    monkeypatch.setattr(run, "cores", lambda: 4)
+    monkeypatch.setattr(run, "gpu_present", lambda: False)
 
 
 def test_direct_runner_gets_a_worker_per_core(cpu_box):
@@ -29,14 +29,14 @@ def test_explicit_settings_other_runners_and_gpus_are_left_alone(cpu_box, monkey
     assert local_parallelism_args(["--runner", "apache_beam.runners.dask.dask_runner.DaskRunner"], 10) == []
     assert local_parallelism_args([], 1) == []  # one shard: one process, no start-up cost
     assert local_parallelism_args([], 10, device="cuda") == []
-    monkeypatch.setattr(run, "_gpu_present", lambda: True)
+    monkeypatch.setattr(run, "gpu_present", lambda: True)
     assert local_parallelism_args([], 10) == []
     assert local_parallelism_args([], 10, device="cpu") != []
 
 
 def test_worker_count_is_capped(monkeypatch):
-    monkeypatch.setattr(run, "_cores", lambda: 64)
-    monkeypatch.setattr(run, "_gpu_present", lambda: False)
+    monkeypatch.setattr(run, "cores", lambda: 64)
+    monkeypatch.setattr(run, "gpu_present", lambda: False)
     assert local_parallelism_args([], 1000)[0] == f"--direct_num_workers={MAX_LOCAL_WORKERS}"
 
 
@@ -48,7 +48,7 @@ def test_a_process_pinned_to_one_core_runs_one_worker():
     import sys
 
     script = ("import json, os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
-              "from pipeline import run; run._gpu_present = lambda: False; "
+              "from pipeline import runner_args as run; run.gpu_present = lambda: False; "
               "print(json.dumps(run.local_parallelism_args([], 10)))")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"

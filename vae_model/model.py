@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -127,11 +128,13 @@ class VAE(nn.Module):
         return ElboTerms(recon, kl, neg, losses.bits_per_dim(neg, self.cfg.num_dims), q.mean)
 
     def iwae(self, x: torch.Tensor, k: int, generator: torch.Generator | None = None,
-             eps: torch.Tensor | None = None, chunk_size: int | None = None,
+             eps: torch.Tensor | Callable[[int, int], torch.Tensor] | None = None, chunk_size: int | None = None,
              binarize_generator: torch.Generator | None = None, precise: bool = False) -> torch.Tensor:
         """IWAE-k estimate of log p(x) per image (B,), nats. Chunked over k to bound memory.
 
-        ``eps`` may be a (k, B, D) tensor of standard normal noise (deterministic scoring).
+        ``eps`` gives standard normal noise for deterministic scoring: a (k, B, D) tensor, or a
+        function ``(start, n) -> (n, B, D)`` for samples ``start..start+n`` (memory stays bounded
+        by the chunk, whatever k is: :func:`iwae_noise_for_keys`).
         """
         if k < 1:
             raise ValueError("k must be >= 1")
@@ -146,7 +149,8 @@ class VAE(nn.Module):
         acc = torch.full((b,), -math.inf, device=x.device, dtype=dtype)
         for start in range(0, k, chunk_size):
             n = min(chunk_size, k - start)
-            z = q.sample(generator=generator, n=n, eps=None if eps is None else eps[start:start + n])  # (n, B, D)
+            eps_n = None if eps is None else eps(start, n) if callable(eps) else eps[start:start + n]
+            z = q.sample(generator=generator, n=n, eps=None if eps_n is None else eps_n.to(x.device))  # (n, B, D)
             target_n = target.unsqueeze(0).expand(n, *target.shape).reshape(n * b, *target.shape[1:])
             log_px = -self.decode(z, precise).nll(target_n).view(n, b)
             log_w = losses.importance_log_weights(log_px, standard_normal_log_prob(z).to(dtype),
@@ -200,4 +204,23 @@ def noise_for_keys(keys: list[str], shape: tuple[int, ...], seed: int = 0) -> to
         out[i] = np.random.default_rng(h).standard_normal(shape, dtype=np.float32)
     t = torch.from_numpy(out)
     return t if len(shape) == 1 else t.movedim(0, -2)
+
+
+NOISE_BLOCK = 64  # importance samples per seeded block of a key's IWAE noise stream
+
+
+def iwae_noise_for_keys(keys: list[str], latent_dim: int, seed: int, start: int, n: int) -> torch.Tensor:
+    """Samples ``start..start+n`` of each key's IWAE noise stream: (n, B, D).
+
+    The stream is cut into blocks of :data:`NOISE_BLOCK` samples; block 0 is the key's
+    :func:`noise_for_keys` stream, block j > 0 is seeded by the key and j. Any sample range can
+    be drawn without drawing the samples before it, so IWAE with a huge k holds one chunk of
+    noise at a time, and the noise does not depend on how k is chunked.
+    """
+    first, last = start // NOISE_BLOCK, (start + n - 1) // NOISE_BLOCK
+    blocks = [noise_for_keys(keys, (NOISE_BLOCK, latent_dim), seed) if j == 0 else
+              noise_for_keys([f"{key}#{j}" for key in keys], (NOISE_BLOCK, latent_dim), seed)
+              for j in range(first, last + 1)]
+    offset = start - first * NOISE_BLOCK
+    return torch.cat(blocks)[offset:offset + n]  # (n, B, D)
 

@@ -27,7 +27,7 @@ from PIL import Image
 
 from .checkpoint_header import calibration_id  # noqa: F401  (the one definition, re-exported for scoring's users)
 from .config import SCORES
-from .model import VAE, noise_for_keys
+from .model import VAE, iwae_noise_for_keys, noise_for_keys
 from .runtime import tune_allocator
 from .typicality import TypicalityReference
 
@@ -135,7 +135,9 @@ def score_batch(model: VAE, images: np.ndarray | torch.Tensor, keys: list[str] |
     if opts.score == "elbo":
         out["anomaly_score"] = -out["elbo"]
     elif opts.score == "iwae":
-        eps_k = noise_for_keys(keys, (opts.iwae_k, d), opts.seed + 1).to(device)
+        def eps_k(start: int, n: int) -> torch.Tensor:  # one chunk of noise at a time, whatever k is
+            return iwae_noise_for_keys(keys, d, opts.seed + 1, start, n)
+
         with autocast(device, opts.precision):
             ll = model.iwae(x, opts.iwae_k, eps=eps_k, precise=True)
         out["iwae_nll"] = (-ll).double().cpu().numpy()
