@@ -54,7 +54,7 @@ def _env() -> dict[str, str]:
     return {**env, "OMP_NUM_THREADS": "1"}
 
 
-def _embed(data_url: str, checkpoint_url: str, out_url: str, storage_options: str, *extra: str) -> subprocess.Popen:
+def _embed(data_url: str, checkpoint_url: str, out_url: str, storage_options: str = "{}", *extra: str) -> subprocess.Popen:
     """Start ``vaepipe embed`` (the console script, with its default local worker processes)."""
     return subprocess.Popen([VAEPIPE, "embed", data_url, "--checkpoint", checkpoint_url, "--out", out_url,
                              "--run-date", RUN_DATE, "--batch-size", "64", "--storage-options", storage_options,
@@ -203,3 +203,67 @@ def test_s3_outage_mid_run_fails_in_one_line_and_rerun_matches(restartable_s3, t
     _assert_same_rows(_rows(part, fs), want)
     print(f"outage: {len(done)}/{len(shards)} shards committed before it; the run failed "
           f"{failed_after:.1f}s after the stop: {lines[0]}")
+
+
+# --------------------------------------------------------------------------- a Dask worker killed mid-run
+
+def _writing_a_shard(pids: set[int], part: Path) -> tuple[int, str] | None:
+    """(pid, temp file) of a worker process that holds a shard's output temp file open, if any."""
+    for pid in sorted(pids):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(str(part)) and ".tmp-" in target:
+                return pid, target.rsplit("/", 1)[-1]
+    return None
+
+
+def test_dask_worker_killed_mid_shard_every_row_once(private_dask_cluster, fashion_shards, tiny_checkpoint, tmp_path):
+    """SIGKILL one Dask worker process (not its nanny) while it is writing a shard's rows: the
+    scheduler reruns its work elsewhere, and the job completes with each image's row exactly once."""
+    from distributed import Client
+
+    out = tmp_path / "out"
+    part = out / f"dt={RUN_DATE}"
+    nanny_pids = {p.pid for p in private_dask_cluster.nannies}
+    with Client(private_dask_cluster.address, timeout="30s") as client:
+        before = set(client.run(os.getpid).values())
+        assert len(before) == 2 and not before & nanny_pids
+        proc = _embed(str(fashion_shards), tiny_checkpoint, str(out), "{}", DASK,
+                      f"--dask_client_address={private_dask_cluster.address}")
+        t0 = time.monotonic()
+        while (victim := _writing_a_shard(before, part)) is None:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() - t0 < 90, "no worker started a shard within 90 s"
+            time.sleep(0.01)
+        pid, temp_file = victim
+        os.kill(pid, signal.SIGKILL)  # the worker process itself: its nanny stays and starts a new one
+        killed_at = time.monotonic() - t0
+        committed = sorted(f.name for f in part.iterdir() if f.suffix == ".parquet")
+        rc, outtext, err = _finish(proc, timeout=150)
+        assert rc == 0, err[-5000:]
+        client.wait_for_workers(2, timeout=60)
+        after = set(client.run(os.getpid).values())
+    assert pid not in after and len(after) == 2 and all(p.poll() is None for p in private_dask_cluster.nannies)
+
+    summary = json.loads(outtext.strip().splitlines()[-1])
+    assert summary["reconciled"] and summary["runner"].endswith("DaskRunner")
+    assert summary["totals"]["rows"] == 600 and summary["totals"]["errors"] == 0 and summary["totals"]["shards"] == 3
+    manifest = json.loads((part / "_manifest.json").read_text())
+    assert sorted(s["shard"] for s in manifest["shards"]) == sorted(manifest["inputs"])  # one summary per shard
+    assert pid not in {s["pid"] for s in manifest["shards"]}  # the killed worker's shard was redone elsewhere
+    assert (part / "_SUCCESS").exists()
+    # The killed process could not remove its temp file: readers skip dot-files, and the next run
+    # into this partition deletes it (pipeline.writer.remove_stale_temp_files).
+    assert [f.name for f in part.iterdir() if ".tmp-" in f.name] == [temp_file]
+    keys = pads.dataset(str(part), format="parquet").to_table(columns=["key"]).column("key").to_pylist()
+    assert len(keys) == 600 and len(set(keys)) == 600
+    print(f"dask: killed worker {pid} {killed_at:.1f}s into the run while it wrote {temp_file} "
+          f"({len(committed)} shard(s) committed then); summaries (pid, skipped): "
+          f"{[(s['pid'], s.get('skipped')) for s in manifest['shards']]}")
