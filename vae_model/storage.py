@@ -7,16 +7,18 @@ Endpoints and credentials come the usual fsspec/botocore way (``AWS_ENDPOINT_URL
 S3 retry policy (vaepipe's own, so a run behaves the same whatever botocore's defaults are):
 each S3 request is tried up to ``S3_MAX_ATTEMPTS`` = 5 times by botocore's ``standard`` retry
 mode (HTTP 500/502/503/504, throttling codes such as ``SlowDown``, refused/reset/closed
-connections and timeouts; jittered exponential backoff of at most 1, 2, 4, 8 s, so at most
-15 s of sleeping per request). Around that, s3fs repeats a whole call up to ``S3FS_RETRIES``
-= 3 times when the failure is one it knows to be transient (a dropped connection, also
-*while reading a body*, such as a ranged GET of a tar shard cut off halfway, which botocore
-alone cannot retry; or ``SlowDown`` after botocore gave up), sleeping 0.1-0.3 s. A refused
-connection (endpoint down) is not repeated by s3fs, so an unreachable endpoint fails a
-request after about 15 s at most. Per request, attempts are therefore bounded by 5 x 3 = 15.
-botocore's connect and read timeouts stay at s3fs's 5 s and 15 s. A ``retries`` entry in
-``config_kwargs`` of the storage options replaces the botocore part (e.g.
-``{"config_kwargs": {"retries": {"max_attempts": 10, "mode": "adaptive"}}}``).
+connections, timeouts), with jittered exponential backoff of at most 1, 2, 4, 8 s between
+attempts. s3fs repeats a call up to ``S3FS_RETRIES`` = 3 times when its failure is one s3fs
+knows to be transient: a dropped connection, also one *while reading a body* (a ranged GET of a
+tar shard cut off halfway, which botocore alone cannot retry), or ``SlowDown`` after botocore
+gave up. A refused connection (endpoint down) is not repeated by s3fs: a request to a stopped
+server fails after botocore's 5 attempts, with at most 15 s of backoff. An endpoint that accepts
+connections and drops every one is the slow worst case, because s3fs nests its loop (call and
+body read) and aiohttp re-sends an idempotent request once on a dropped keep-alive connection:
+a read then makes many times 5 attempts and can take minutes before it fails. botocore's
+connect and read timeouts stay at s3fs's 5 s and 15 s. A ``retries`` entry in ``config_kwargs``
+of the storage options replaces the botocore part, e.g.
+``{"config_kwargs": {"retries": {"max_attempts": 10, "mode": "adaptive"}}}``.
 """
 from __future__ import annotations
 
