@@ -173,35 +173,8 @@ def parse_checkpoint(data: bytes, source: str = "<bytes>", verify_calibration: b
             version, content hash mismatch (modified or damaged weights), incompatible config,
             metadata of the wrong type or shape, modified or unsealed score statistics.
     """
-    if len(data) < 8:
-        raise CheckpointError(f"{source}: not a vaepipe checkpoint (file is {len(data)} bytes; truncated?)")
-    header_len = int.from_bytes(data[:8], "little")
-    if header_len > MAX_HEADER_BYTES and 8 + header_len <= len(data):
-        raise CheckpointError(f"{source}: checkpoint header is {header_len / 2**20:.0f} MB, over the "
-                              f"{MAX_HEADER_BYTES >> 20} MB limit: not a vaepipe checkpoint, or its metadata was inflated")
-    if header_len <= 0 or 8 + header_len > len(data):
-        raise CheckpointError(f"{source}: truncated or not a safetensors checkpoint (header says {header_len} bytes, "
-                              f"file has {len(data)})")
-    try:
-        header = json.loads(bytes(data[8:8 + header_len]))
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise _corrupt(source, f"header is not JSON: {str(exc)[:200]}") from None
-    if not isinstance(header, dict):
-        raise _corrupt(source, "header is not a JSON object")
-    meta_hdr = header.get("__metadata__")
-    if meta_hdr is None:
-        meta_hdr = {}
-    if not isinstance(meta_hdr, dict):
-        raise _corrupt(source, f"__metadata__ is a {type(meta_hdr).__name__}, not a JSON object")
-    bad = next((k for k, v in meta_hdr.items() if not isinstance(v, str)), None)
-    if bad is not None:
-        raise _corrupt(source, f"__metadata__ value {bad[:40]!r} must be a string, not {type(meta_hdr[bad]).__name__}")
-    fmt = meta_hdr.get("vaepipe.format")
-    if fmt is None:
-        raise CheckpointError(f"{source}: a safetensors file, but not a vaepipe checkpoint (no vaepipe.format)")
-    if fmt != FORMAT_VERSION:
-        raise CheckpointError(f"{source}: checkpoint format {fmt} is not supported by this vaepipe "
-                              f"(supports {FORMAT_VERSION}); upgrade vaepipe")
+    header, header_len = _read_header(data, source)
+    meta_hdr = _string_metadata(header, source)
     body = memoryview(data)[8 + header_len:]
     config_json = meta_hdr.get("vaepipe.config", "")
     expected = meta_hdr.get("vaepipe.model_id", "")
@@ -225,6 +198,45 @@ def parse_checkpoint(data: bytes, source: str = "<bytes>", verify_calibration: b
     except ConfigError as exc:
         raise CheckpointError(f"{source}: invalid checkpoint metadata: {str(exc)[:300]}") from None
     return CheckpointInfo(config=config, meta=meta, model_id=expected, calibration_id=cal_id)
+
+
+def _read_header(data: bytes, source: str) -> tuple[dict, int]:
+    """The safetensors JSON header (size-capped) and its length in bytes."""
+    if len(data) < 8:
+        raise CheckpointError(f"{source}: not a vaepipe checkpoint (file is {len(data)} bytes; truncated?)")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len > MAX_HEADER_BYTES and 8 + header_len <= len(data):
+        raise CheckpointError(f"{source}: checkpoint header is {header_len / 2**20:.0f} MB, over the "
+                              f"{MAX_HEADER_BYTES >> 20} MB limit: not a vaepipe checkpoint, or its metadata was inflated")
+    if header_len <= 0 or 8 + header_len > len(data):
+        raise CheckpointError(f"{source}: truncated or not a safetensors checkpoint (header says {header_len} bytes, "
+                              f"file has {len(data)})")
+    try:
+        header = json.loads(bytes(data[8:8 + header_len]))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise _corrupt(source, f"header is not JSON: {str(exc)[:200]}") from None
+    if not isinstance(header, dict):
+        raise _corrupt(source, "header is not a JSON object")
+    return header, header_len
+
+
+def _string_metadata(header: dict, source: str) -> dict[str, str]:
+    """The header's ``__metadata__`` (strings only) of a supported vaepipe format version."""
+    meta_hdr = header.get("__metadata__")
+    if meta_hdr is None:
+        meta_hdr = {}
+    if not isinstance(meta_hdr, dict):
+        raise _corrupt(source, f"__metadata__ is a {type(meta_hdr).__name__}, not a JSON object")
+    bad = next((k for k, v in meta_hdr.items() if not isinstance(v, str)), None)
+    if bad is not None:
+        raise _corrupt(source, f"__metadata__ value {bad[:40]!r} must be a string, not {type(meta_hdr[bad]).__name__}")
+    fmt = meta_hdr.get("vaepipe.format")
+    if fmt is None:
+        raise CheckpointError(f"{source}: a safetensors file, but not a vaepipe checkpoint (no vaepipe.format)")
+    if fmt != FORMAT_VERSION:
+        raise CheckpointError(f"{source}: checkpoint format {fmt} is not supported by this vaepipe "
+                              f"(supports {FORMAT_VERSION}); upgrade vaepipe")
+    return meta_hdr
 
 
 def _verified_calibration(meta: dict, recorded: str | None, source: str, verify: bool) -> tuple[dict, str]:
