@@ -31,9 +31,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import common  # noqa: E402
 from ood_metrics import auprc, auroc, fpr_at_tpr  # noqa: E402
+
 from jobs.train import TrainConfig, train  # noqa: E402
-from pipeline.options import EmbedOptions  # noqa: E402
 from pipeline.idx import read_idx  # noqa: E402
+from pipeline.options import EmbedOptions  # noqa: E402
 from pipeline.run import run_embed  # noqa: E402
 from pipeline.shards import write_shards  # noqa: E402
 

@@ -87,7 +87,7 @@ def ensure_source_shards() -> list[Path]:
                     continue
                 raise SystemExit(f"{src} is missing")
             log(f"converting {src} -> {out}")
-            build_once(out, lambda d: write_shards(str(src), str(d), fmt="tar", shard_size=SHARD_SIZE))
+            build_once(out, lambda d, src=src: write_shards(str(src), str(d), fmt="tar", shard_size=SHARD_SIZE))
         shards.extend(sorted(out.glob("shard-*.tar")))
     return shards
 

@@ -12,7 +12,6 @@ benchmarks/results/decode_memory.json and a table on stdout.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import subprocess
 import sys
@@ -91,11 +90,13 @@ def main() -> None:
                 w, h = img.size
             for mode, limit in (("pillow", 0), ("vaepipe", DEFAULT_MAX_PIXELS), ("vaepipe", 2 ** 40)):
                 r = _probe(mode, path, limit)
-                label = mode if mode == "pillow" else f"vaepipe --max-pixels {'default' if limit == DEFAULT_MAX_PIXELS else 'unlimited'}"
+                limit_name = "default" if limit == DEFAULT_MAX_PIXELS else "unlimited"
+                label = mode if mode == "pillow" else f"vaepipe --max-pixels {limit_name}"
                 rows.append({"image": name, "pixels": w * h, "file_kb": round(path.stat().st_size / 1024),
                              "decoder": label, **r})
                 print(f"{name:16s} {w * h / 1e6:6.1f} Mpx {path.stat().st_size / 1024:7.0f} KB  {label:34s} "
-                      f"{r.get('outcome'):14s} {r.get('peak_rss_mb', float('nan')):8.0f} MB {r.get('seconds', float('nan')):6.2f} s",
+                      f"{r.get('outcome'):14s} {r.get('peak_rss_mb', float('nan')):8.0f} MB "
+                      f"{r.get('seconds', float('nan')):6.2f} s",
                       flush=True)
     results = HERE / "results"
     results.mkdir(exist_ok=True)

@@ -159,7 +159,8 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    res: dict = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "torch": torch.__version__, "cpus": os.cpu_count(),
+    res: dict = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "torch": torch.__version__,
+                 "cpus": os.cpu_count(),
                  "rows": [], "errors": []}
     out = Path(args.out)
 

@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import common  # noqa: E402
+
 from jobs.evaluate import EvalOptions, evaluate  # noqa: E402
 from jobs.train import TrainConfig, train  # noqa: E402
 from pipeline.shards import write_shards  # noqa: E402
@@ -54,7 +55,8 @@ def run_case(name: str, train_src: Path, test_src: Path, likelihood: str, budget
         tr = _shards(train_src, BENCH / f"{name}-train-{tag}", limit)
         checkpoint = str(BENCH / f"{name}-{tag}.safetensors")
         cfg = TrainConfig(data_url=tr, out=checkpoint, val_fraction=0.05, epochs=1000, time_limit=budget,
-                          batch_size=128, lr=1e-3, lr_schedule="cosine", kl_warmup_steps=2000 if not quick else 200, patience=1000,
+                          batch_size=128, lr=1e-3, lr_schedule="cosine",
+                          kl_warmup_steps=2000 if not quick else 200, patience=1000,
                           grad_clip=200.0, grad_clip_factor=0.0,  # as the recorded 82.84-nat model was trained
                           num_workers=1, quantile_images=500, quantile_iwae_k=4,
                           model=dict(model, likelihood=likelihood))
@@ -104,7 +106,8 @@ def main() -> None:
     for r in results:
         print(f"{r['case']:14} {r['epochs'] or 0:6d} {r['train_wall_s'] or 0:8.0f} {r['images']:9d} {r['mean_neg_elbo']:8.2f} "
               f"{r['iwae_nll']:9.2f} {r['iwae_k']:5d} {r['bits_per_dim']:8.4f}")
-    name = "likelihood" + (f"-{args.only}" if args.only else "") + ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
+    name = ("likelihood" + (f"-{args.only}" if args.only else "") + ("-quick" if args.quick else "")
+            + (f"-{args.tag}" if args.tag else ""))
     out = ROOT / "benchmarks" / "results" / f"{name}.json"
     out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                                "results": results}, indent=2))

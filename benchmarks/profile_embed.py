@@ -102,7 +102,7 @@ def main() -> None:
         from pipeline.writer import AtomicParquetWriter
         with tempfile.TemporaryDirectory() as tmp:
             w = AtomicParquetWriter(f"{tmp}/x.parquet", emb.schema)
-            for (k, x), s in zip(batches, scored):
+            for (k, _x), s in zip(batches, scored):
                 rows = [(kk, 0, None, None, None) for kk in k]
                 w.write(emb._record_batch(spec, rows, s))
             w.commit({"a": "b"})

@@ -73,8 +73,8 @@ def child(variant: str, n: int, epochs: int, seed: int) -> dict:
                                     kl_warmup_steps=0 if fp32 else 1000, quantile_images=256, quantile_iwae_k=4,
                                     model=dict(model_kw)), progress=False)
             wall = time.perf_counter() - t0
-            lines = [json.loads(l) for l in Path(out + ".metrics.jsonl").read_text().splitlines()]
-            ep = [l for l in lines if l["event"] == "epoch"]
+            lines = [json.loads(line) for line in Path(out + ".metrics.jsonl").read_text().splitlines()]
+            ep = [rec for rec in lines if rec["event"] == "epoch"]
             # the weights after the last pass (the checkpoint is the best by validation: maybe earlier)
             model = VAE(VAEConfig.default_for(28, 1, **model_kw))
             model.load_state_dict(torch.load(out + ".resume.pt", weights_only=True)["model"])
@@ -111,7 +111,7 @@ def child(variant: str, n: int, epochs: int, seed: int) -> dict:
     steady = rates[1:] or rates
     out = {"variant": variant, "steps": len(losses) * epochs, "images": seen * epochs, "img_s_first": rates[0],
            "img_s": sum(steady) / len(steady),
-           "train_neg_elbo": sum(l * min(BATCH, n - i * BATCH) for i, l in enumerate(losses)) / n,
+           "train_neg_elbo": sum(loss * min(BATCH, n - i * BATCH) for i, loss in enumerate(losses)) / n,
            "last10_neg_elbo": sum(losses[-10:]) / len(losses[-10:]), "heldout_neg_elbo": held["neg_elbo"],
            "precision": "bf16" if bf16 else "fp32", "seed": seed}
     if not bf16:  # numerics: the same weights, the same noise, one forward in fp32 and in bf16

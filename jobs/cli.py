@@ -114,8 +114,9 @@ def shards(source: str, out_url: str, fmt: str, shard_size: int, limit: int | No
       vaepipe shards /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz \\
           s3://bucket/fmnist/train/ --format tar --shard-size 5000
     """
-    from pipeline.shards import write_shards
     from tqdm.auto import tqdm
+
+    from pipeline.shards import write_shards
 
     if shard_size < 1:
         raise click.BadParameter("must be >= 1", param_hint="--shard-size")
@@ -162,7 +163,8 @@ def shards(source: str, out_url: str, fmt: str, shard_size: int, limit: int | No
 def train(data_url: str, out: str, val_url: str | None, val_fraction: float, epochs: int, time_limit: float | None,
           image_size: int, channels: int, latent_dim: int, widths: str | None, hidden_dim: int, likelihood: str,
           beta: float, kl_warmup_steps: int, batch_size: int, lr: float, lr_schedule: str, cache_mb: int,
-          grad_clip: float, grad_clip_factor: float, patience: int, seed: int, num_workers: int, precision: str, resume: bool, quiet: bool, storage_options: str | None) -> None:
+          grad_clip: float, grad_clip_factor: float, patience: int, seed: int, num_workers: int, precision: str,
+          resume: bool, quiet: bool, storage_options: str | None) -> None:
     """Train a VAE on the shards at DATA_URL; write the best checkpoint to --out.
 
     Beside the checkpoint: OUT.metrics.jsonl, OUT.epochNNN.png (samples and reconstructions)

@@ -17,8 +17,8 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.utils.shared import Shared
 
-from pipeline.options import EmbedOptions
 from pipeline.manifest import write_manifest
+from pipeline.options import EmbedOptions
 from pipeline.shards import ShardSpec, expand_shards
 from vae_model.errors import worker_error
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from model_fixtures import FASHION
 from PIL import Image
 
 from jobs.cli import cli
-from model_fixtures import FASHION
 
 COMMANDS = sorted(cli.commands)
 
@@ -101,7 +101,7 @@ def test_bad_input_gives_one_line_error_and_nonzero_exit(case, tmp_path, tiny_ch
         args = ["evaluate", fashion_shards, "--checkpoint", tiny_checkpoint, "--storage-options", "{nope"]
     res = _run(*args)
     assert res.returncode != 0
-    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error:"), res.stderr
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "o").exists()
@@ -117,7 +117,8 @@ def test_embed_uses_the_local_cores_by_default(fashion_shards, tiny_checkpoint, 
     number of shards), not Beam's single process."""
     import os
 
-    from pipeline.runner_args import cores as _cores, gpu_present as _gpu_present
+    from pipeline.runner_args import cores as _cores
+    from pipeline.runner_args import gpu_present as _gpu_present
 
     if _gpu_present():
         pytest.skip("a GPU machine scores in one process by default")

@@ -90,6 +90,7 @@ def test_workers_stop_when_the_lease_is_lost_or_the_driver_is_gone(tmp_path):
 
 def _shards(tmp_path, n_shards=12, per_shard=25):
     from model_fixtures import FASHION
+
     from pipeline.shards import write_shards
 
     shards = tmp_path / "shards"

@@ -6,8 +6,8 @@ provoked safely on a shared machine)."""
 import dataclasses
 import io
 import subprocess
-import tarfile
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +18,11 @@ from click.testing import CliRunner
 
 from jobs.cli import cli
 from pipeline.embed import ShardEmbedder
-from pipeline.options import EmbedOptions, ROW_NEUTRAL_OPTIONS, output_key
+from pipeline.options import ROW_NEUTRAL_OPTIONS, EmbedOptions, output_key
 from pipeline.partition import PartitionConflictError
 from pipeline.run import run_embed
 from pipeline.shards import expand_shards
 from vae_model.checkpoint import load_checkpoint, save_checkpoint
-from vae_model.errors import ConfigError
 from vae_model.model import VAE, iwae_noise_for_keys
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,8 +174,9 @@ def test_bad_options_fail_on_the_driver_with_one_line(flags, message, fashion_sh
 def test_a_worker_failure_prints_its_cause_in_the_default_multi_worker_run(tiny_checkpoint, tmp_path):
     """The output's dead-letter folder is blocked by a file: only a worker finds out (when it
     writes a shard's dead letters). The one line must be the worker's cause, not Beam's wrapper."""
-    from pipeline.shards import write_shards
     from model_fixtures import FASHION
+
+    from pipeline.shards import write_shards
 
     shards = tmp_path / "shards"
     write_shards(str(FASHION), str(shards), shard_size=20, limit=40)
