@@ -26,11 +26,12 @@ from pipeline.options import EmbedOptions, check_score_supported, output_key, ou
 from pipeline.schema import ERROR_SCHEMA, latent_schema
 from pipeline.shards import ReadLimits, ShardSpec, ShardTally, escape_key, iter_members, printable
 from pipeline.writer import AtomicParquetWriter, read_metadata
+from vae_model.calibration import percentile_of, threshold_for
 from vae_model.checkpoint import Checkpoint, load_checkpoint
+from vae_model.checkpoint_header import calibration_id
 from vae_model.errors import ImageDecodeError
 from vae_model.runtime import release_memory
-from vae_model.scoring import (ScoreOptions, calibration_id, for_scoring, percentile_of, score_batch,
-                               threshold_for)
+from vae_model.scoring import ScoreOptions, for_scoring, score_batch
 from vae_model.storage import fresh_fs, join
 
 log = logging.getLogger(__name__)

@@ -4,8 +4,7 @@ import pytest
 from model_fixtures import FASHION, MNIST
 from pipeline.idx import read_idx
 from vae_model.checkpoint import load_checkpoint
-from vae_model.scoring import (ScoreOptions, compressed_bits, percentile_of, quantile_table, score_all,
-                               threshold_for)
+from vae_model.scoring import ScoreOptions, compressed_bits, score_all
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +52,19 @@ def test_scores_depend_on_the_image_only(tiny_checkpoint, images):
     np.testing.assert_allclose(a["elbo"], b["elbo"][::-1], rtol=1e-6)
 
 
-def test_percentiles_and_thresholds_follow_the_quantile_table():
-    scores = np.random.default_rng(0).normal(size=10_000)
-    table = quantile_table(scores)
-    assert threshold_for(table, 0.99) == pytest.approx(np.quantile(scores, 0.99))
-    pct = percentile_of(np.array([table["min"] - 1, table["0.5"], table["0.99"], table["max"] + 1]), table)
-    np.testing.assert_allclose(pct, [0, 50, 99, 100])
+
+def test_moved_names_still_import_from_their_old_modules():
+    """Calibration statistics moved to vae_model.calibration and the per-key noise to
+    vae_model.noise; the old import paths keep working."""
+    from vae_model import calibration, model, noise, scoring
+
+    for name in ("quantile_table", "percentile_of", "threshold_for", "fit_reference", "QUANTILES"):
+        assert getattr(scoring, name) is getattr(calibration, name)
+    from vae_model.scoring import calibration_id, pixel_ids, quantile_table  # noqa: F401
+    from vae_model.checkpoint_header import calibration_id as the_one
+
+    assert calibration_id is the_one and pixel_ids is noise.pixel_ids and quantile_table is calibration.quantile_table
+    for name in ("noise_for_keys", "iwae_noise_for_keys", "NOISE_BLOCK"):
+        assert getattr(model, name) is getattr(noise, name)
+    with pytest.raises(AttributeError):
+        scoring.no_such_name  # noqa: B018

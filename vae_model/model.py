@@ -15,6 +15,7 @@ from torch import nn
 from . import losses
 from .config import VAEConfig
 from .distributions import PIXEL_LIKELIHOODS, DiagonalGaussian, standard_normal_log_prob
+from .noise import NOISE_BLOCK, iwae_noise_for_keys, noise_for_keys  # noqa: F401  (moved to vae_model.noise; old imports keep working)
 
 # Budget for one IWAE chunk: decoder outputs of at most this many pixel values at once.
 IWAE_CHUNK_VALUES = 1 << 23
@@ -134,7 +135,7 @@ class VAE(nn.Module):
 
         ``eps`` gives standard normal noise for deterministic scoring: a (k, B, D) tensor, or a
         function ``(start, n) -> (n, B, D)`` for samples ``start..start+n`` (memory stays bounded
-        by the chunk, whatever k is: :func:`iwae_noise_for_keys`).
+        by the chunk, whatever k is: :func:`vae_model.noise.iwae_noise_for_keys`).
         """
         if k < 1:
             raise ValueError("k must be >= 1")
@@ -185,42 +186,4 @@ class VAE(nn.Module):
         t = torch.linspace(0, 1, steps, device=q.mean.device).unsqueeze(1)
         z = (1 - t) * q.mean[0] + t * q.mean[1]
         return self.decode(z).mean_image().round().clamp(0, 255).to(torch.uint8)
-
-
-def noise_for_keys(keys: list[str], shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-    """Standard normal noise, one independent stream per key: (*shape, len(keys), D) where
-    ``shape`` is (..., D) minus the batch dim, e.g. (D,) -> (B, D), (K, D) -> (K, B, D).
-
-    Seeded by a hash of the key, so an image gets the same noise whatever batch, worker or
-    runner scores it.
-    """
-    import hashlib
-
-    import numpy as np
-
-    out = np.empty((len(keys), *shape), dtype=np.float32)
-    for i, key in enumerate(keys):
-        h = int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "little")
-        out[i] = np.random.default_rng(h).standard_normal(shape, dtype=np.float32)
-    t = torch.from_numpy(out)
-    return t if len(shape) == 1 else t.movedim(0, -2)
-
-
-NOISE_BLOCK = 64  # importance samples per seeded block of a key's IWAE noise stream
-
-
-def iwae_noise_for_keys(keys: list[str], latent_dim: int, seed: int, start: int, n: int) -> torch.Tensor:
-    """Samples ``start..start+n`` of each key's IWAE noise stream: (n, B, D).
-
-    The stream is cut into blocks of :data:`NOISE_BLOCK` samples; block 0 is the key's
-    :func:`noise_for_keys` stream, block j > 0 is seeded by the key and j. Any sample range can
-    be drawn without drawing the samples before it, so IWAE with a huge k holds one chunk of
-    noise at a time, and the noise does not depend on how k is chunked.
-    """
-    first, last = start // NOISE_BLOCK, (start + n - 1) // NOISE_BLOCK
-    blocks = [noise_for_keys(keys, (NOISE_BLOCK, latent_dim), seed) if j == 0 else
-              noise_for_keys([f"{key}#{j}" for key in keys], (NOISE_BLOCK, latent_dim), seed)
-              for j in range(first, last + 1)]
-    offset = start - first * NOISE_BLOCK
-    return torch.cat(blocks)[offset:offset + n]  # (n, B, D)
 

@@ -1,4 +1,5 @@
-"""Batch scoring shared by the pipeline, ``evaluate`` and the training job's score quantiles.
+"""Batch scoring: the anomaly scores of a batch of images, shared by the pipeline, ``evaluate``
+and calibration (:mod:`vae_model.calibration`, the statistics a checkpoint stores about them).
 
 Scores (higher = more anomalous):
   ``elbo``        -ELBO in nats, one reparameterised sample.
@@ -10,14 +11,12 @@ Scores (higher = more anomalous):
                   plus the -log nearest-neighbour density of the posterior mean among the validation
                   images' posterior means; the reference is stored in the checkpoint (see
                   :mod:`vae_model.typicality`).
-The noise for each image is seeded by a hash of its pixels, so a score depends on the image
-alone: not on batch size, worker, runner or where the shard is stored.
+The noise for each image is seeded by a hash of its pixels (:mod:`vae_model.noise`), so a score
+depends on the image alone: not on batch size, worker, runner or where the shard is stored.
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -27,12 +26,11 @@ from PIL import Image
 
 from .checkpoint_header import calibration_id  # noqa: F401  (the one definition, re-exported for scoring's users)
 from .config import SCORES
-from .model import VAE, iwae_noise_for_keys, noise_for_keys
+from .losses import LN2
+from .model import VAE
+from .noise import iwae_noise_for_keys, noise_for_keys, pixel_ids
 from .runtime import tune_allocator
-from .typicality import TypicalityReference
-
-QUANTILES = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
-LN2 = math.log(2.0)
+from .typicality import TypicalityReference, reference_for_score
 
 
 def compressed_bits(img: np.ndarray, codec: str = "webp") -> float:
@@ -50,40 +48,43 @@ def compressed_bits(img: np.ndarray, codec: str = "webp") -> float:
 
 @dataclass
 class ScoreOptions:
+    """How :func:`score_batch` scores: which score, its parameters, the parsed typicality reference.
+
+    Values are checked where they enter (an embed run's :class:`pipeline.options.EmbedOptions`
+    on the driver; the training and calibration commands' options), so only the invariants
+    scoring relies on are asserted here; ``iwae_k`` is :meth:`VAE.iwae`'s to check (a
+    ValueError), since only the ``iwae`` score uses it. The typicality reference is parsed once,
+    here, by :func:`vae_model.typicality.reference_for_score` (a ConfigError when the score
+    needs it and it is missing or malformed), not once per batch.
+    """
+
     score: str = "elbo"  # which score becomes anomaly_score
     iwae_k: int = 64
     seed: int = 0  # base seed of the per-key noise
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast)
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast): the resolved precision, never "auto"
     codec: str = "webp"  # lossless coder for the complexity score
     reference: dict | None = None  # typicality reference (checkpoint meta "typicality")
     typicality: TypicalityReference | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.score not in SCORES:
-            raise ValueError(f"score={self.score!r}: choose one of {', '.join(SCORES)}")
-        if self.iwae_k < 1:
-            raise ValueError("iwae_k must be >= 1")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError("precision must be fp32 or bf16")
-        if self.score == "typicality" and not self.reference:
-            raise ValueError("score 'typicality' needs the checkpoint's typicality reference (retrain with this "
-                             "vaepipe version, or choose --score complexity)")
-        # parsed once: rebuilding thousands of reference points from JSON per batch cost ~0.2 ms/image
-        self.typicality = TypicalityReference.from_dict(self.reference) if self.score == "typicality" else None
+        assert self.score in SCORES and self.precision in ("fp32", "bf16"), self
+        self.typicality = reference_for_score(self.score, self.reference)
 
 
 def for_scoring(model: VAE, device: torch.device | str = "cpu", precision: str = "fp32") -> VAE:
-    """The model on ``device`` in eval mode with NHWC (channels_last) weights: ~1.4x the
-    throughput of NCHW with oneDNN on this architecture, scores within ~1e-6 relative
-    (benchmarks/fix_probe.py). :func:`score_batch` feeds such a model NHWC batches.
+    """The model on ``device`` in eval mode with NHWC (channels_last) weights, ready for
+    :func:`score_batch` (which feeds it NHWC batches): oneDNN's NHWC convolutions are the faster
+    layout for this architecture on the CPU, and scores agree with NCHW to float rounding.
 
-    On CUDA with ``fp32``, cuDNN's TF32 convolutions (PyTorch's default) are switched off: with
-    them rows differed from CPU rows by ~1e-3 in the embedding (measured on an H200), outside
-    the 1e-5 contract; ``bf16`` is the fast opt-in there.
+    On CUDA with ``fp32``, cuDNN's TF32 convolutions (PyTorch's default) are switched off: they
+    move rows away from CPU rows by more than the 1e-5 reproducibility contract; ``bf16`` is
+    the fast opt-in there.
 
-    It also tunes this process's allocator (:func:`vae_model.runtime.tune_allocator`): scoring
-    batches of 256 ran 1.2-1.3x faster on the CPU with activation memory reused instead of
-    page-faulted in anew every batch."""
+    It also tunes this process's allocator (:func:`vae_model.runtime.tune_allocator`), so that
+    each batch's activation memory is reused instead of page-faulted in anew.
+
+    Measured effects of all three: BENCHMARKS.md, "Pipeline throughput" and "GPU".
+    """
     tune_allocator()
     device = torch.device(device)
     if device.type == "cuda" and precision == "fp32":
@@ -96,11 +97,6 @@ def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext()
-
-
-def pixel_ids(images: np.ndarray) -> list[str]:
-    """Content ids of uint8 images (B, C, H, W): the seeds of their per-image noise."""
-    return [hashlib.blake2b(np.ascontiguousarray(im).tobytes(), digest_size=16).hexdigest() for im in images]
 
 
 @torch.no_grad()
@@ -163,52 +159,16 @@ def score_all(model: VAE, images: np.ndarray | torch.Tensor, opts: ScoreOptions,
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def fit_reference(model: VAE, images: np.ndarray | torch.Tensor, opts: ScoreOptions,
-                  device: torch.device | str = "cpu",
-                  fit_fraction: float = 0.75) -> tuple[dict, dict[str, dict[str, float]]]:
-    """Validation statistics stored in a checkpoint: the typicality reference (fitted on the first
-    ``fit_fraction`` of ``images``: its densities sharpen with more points) and the quantiles of
-    every score (typicality's on the rest, so that its percentiles are not flattered by scoring
-    the reference's own points)."""
-    base = score_all(model, images, ScoreOptions("complexity", opts.iwae_k, opts.seed, codec=opts.codec), device)
-    iwae = score_all(model, images, ScoreOptions("iwae", opts.iwae_k, opts.seed), device)
-    feats = np.stack([-base["elbo"] / LN2, base["code_bits"]], 1)
-    cut = int(len(feats) * fit_fraction)
-    if cut < 16 or len(feats) - cut < 8:
-        raise ValueError(f"{len(feats)} validation images are too few to fit the typicality reference "
-                         "(need at least 32; more gives sharper scores)")
-    ref = TypicalityReference.fit(feats[:cut], base["embedding"][:cut])
-    held = ref.score(feats[cut:], base["embedding"][cut:])
-    tables = {"elbo": quantile_table(-base["elbo"]), "iwae": quantile_table(iwae["anomaly_score"]),
-              "complexity": quantile_table(base["complexity"]), "typicality": quantile_table(held)}
-    return ref.to_dict(), tables
+
+_MOVED = {name: "calibration" for name in ("QUANTILES", "fit_reference", "quantile_table", "percentile_of",
+                                           "threshold_for")}
 
 
-def quantile_table(scores: np.ndarray, quantiles: tuple[float, ...] = QUANTILES) -> dict[str, float]:
-    """{"0.5": v, ...} plus min/max, for percentiles and thresholds later."""
-    qs = np.quantile(scores, quantiles)
-    table = {f"{q:g}": float(v) for q, v in zip(quantiles, qs)}
-    table["min"], table["max"] = float(np.min(scores)), float(np.max(scores))
-    table["n"] = int(len(scores))
-    return table
+def __getattr__(name: str):
+    """Names that moved out of this module (calibration statistics to :mod:`vae_model.calibration`,
+    which imports this one, hence lazily), still importable from here."""
+    if name in _MOVED:
+        import importlib
 
-
-def percentile_of(scores: np.ndarray, table: dict[str, float]) -> np.ndarray:
-    """Approximate percentile (0..100) of each score within the validation distribution, by
-    piecewise-linear interpolation through the stored quantiles (clipped to [0, 100])."""
-    qs, vs = _quantile_curve(table)
-    return 100.0 * np.interp(scores, vs, qs, left=0.0, right=1.0)
-
-
-def threshold_for(table: dict[str, float], quantile: float) -> float:
-    """Score at a validation quantile (interpolated through the stored table)."""
-    qs, vs = _quantile_curve(table)
-    return float(np.interp(quantile, qs, vs))
-
-
-def _quantile_curve(table: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
-    """(quantiles 0..1, non-decreasing score values) from a :func:`quantile_table`."""
-    pts = sorted((float(k), v) for k, v in table.items() if k not in ("min", "max", "n"))
-    qs = [0.0] + [q for q, _ in pts] + [1.0]
-    vs = [table.get("min", pts[0][1])] + [v for _, v in pts] + [table.get("max", pts[-1][1])]
-    return np.asarray(qs), np.maximum.accumulate(np.asarray(vs, dtype=np.float64))
+        return getattr(importlib.import_module(f".{_MOVED[name]}", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

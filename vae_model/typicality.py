@@ -243,3 +243,20 @@ class TypicalityReference:
             raise ReferenceFormatError(f"typicality reference: latent.points are {ref.latent.points.shape[1]}-d, "
                                        f"the model's latent is {latent_dim}-d")
         return ref
+
+
+def reference_for_score(score: str, reference: Any, source: str = "the checkpoint") -> TypicalityReference | None:
+    """The parsed typicality reference ``score`` needs: None for every score but ``typicality``,
+    which needs the checkpoint's (meta ``typicality``). The one statement of that rule: scoring
+    (:class:`vae_model.scoring.ScoreOptions`) and the embed driver's check both call this.
+
+    Raises:
+        ConfigError: the reference is missing; ``source`` (the checkpoint's URL) names it.
+        ReferenceFormatError: it is malformed (:meth:`TypicalityReference.from_dict`).
+    """
+    if score != "typicality":
+        return None
+    if not reference:
+        raise ConfigError(f"{source} has no typicality reference (trained by an older vaepipe?); "
+                          "retrain it or use --score complexity")
+    return TypicalityReference.from_dict(reference)
