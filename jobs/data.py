@@ -3,7 +3,9 @@
 Shards are listed once; each DataLoader worker streams its share (whole shards when there are
 enough of them, else every n-th member of every shard), decodes with the same policy as the
 pipeline, and shuffles through a bounded buffer. Order is a pure function of (seed, epoch,
-num_workers), which makes ``--resume`` exact.
+num_workers), which makes ``--resume`` exact. A member the reader reports as a dead letter (bad
+bytes) is skipped with a warning; a shard that storage cannot deliver (``ShardReadError``) fails
+training with one line, also from a DataLoader worker process, rather than train on less data.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.decode import decode_image
 from pipeline.shards import ShardSpec, escape_key, expand_shards, iter_members
-from vae_model.errors import ImageDecodeError
+from vae_model.errors import ImageDecodeError, worker_error
 from vae_model.storage import StorageOptions, get_fs
 
 log = logging.getLogger(__name__)
@@ -103,7 +105,7 @@ class ShardImageDataset(IterableDataset):
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        it = self._members(wid, nw)
+        it = self._members(wid, nw) if info is None else _marked(self._members(wid, nw))
         if not self.shuffle_buffer:
             yield from it
             return
@@ -118,6 +120,16 @@ class ShardImageDataset(IterableDataset):
             yield item
         rng.shuffle(buf)
         yield from buf
+
+
+def _marked(it: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """``it`` with a failure raised as :func:`~vae_model.errors.worker_error`: in a DataLoader
+    worker process, so that the trainer's one error line is the cause (a storage failure reading
+    a shard, ...), not the "Caught ... in DataLoader worker process 0" that torch wraps it in."""
+    try:
+        yield from it
+    except Exception as exc:
+        raise worker_error(exc) from exc
 
 
 def load_tensor(dataset: ShardImageDataset, limit: int | None = None) -> torch.Tensor:

@@ -26,9 +26,12 @@ checked against :class:`ReadLimits` before the bytes are read (``MemberTooLarge`
 must fit int64 and metadata must be strict JSON (no NaN). What a shard contains is counted
 into a :class:`ShardTally` apart from what is yielded, so the two can be reconciled.
 
-Problems confined to one member (no image, a bad label, a missing file) and to a whole shard
-(truncated or unreadable) never raise: they come back as a :class:`Member` with ``error`` set,
-so the caller can write a dead-letter row and carry on.
+Problems with the *bytes*, confined to one member (no image, a bad label) or to a whole shard
+(not a tar, corrupt gzip, truncated as stored, not a Parquet file) never raise: they come back
+as a :class:`Member` with ``error`` set, so the caller can write a dead-letter row and carry on.
+A failure of the *storage* (an S3 error after its retries, a timeout, a file gone since it was
+listed, an I/O error of the disk) is not a property of the data: it raises
+:class:`ShardReadError`, so the shard is not committed and a rerun reads it again.
 """
 from __future__ import annotations
 
@@ -95,6 +98,71 @@ class Member:
     meta: dict | None
     error: str | None = None
     error_type: str | None = None
+
+
+class ShardReadError(StorageError):
+    """Storage could not deliver a shard's bytes (after the storage layer's own retries).
+
+    Not a dead letter: the data may be fine, so the shard fails, the run fails with this one
+    line, and a rerun reads the shard again. Not an ``OSError`` either, so the handlers that turn
+    bad bytes into dead letters (``_TAR_ERRORS``, ``_PARQUET_ERRORS``) let it through.
+    """
+
+
+def _read_failure(url: str, exc: BaseException) -> ShardReadError:
+    return ShardReadError(f"{describe_storage_error(url, exc)} (storage failure while reading a shard: "
+                          "nothing of it was committed; rerun once storage is back)")
+
+
+class _StorageFile(io.RawIOBase):
+    """A shard file as fsspec opened it, whose reads re-raise any storage failure as :class:`ShardReadError`.
+
+    The format parsers above it (``tarfile``, gzip, pyarrow) judge the bytes; everything this
+    layer raises is about fetching them, whatever type the backend uses for it (s3fs's
+    ``OSError`` for SlowDown, a timeout, ``FileNotFoundError``, ``EIO``).
+    """
+
+    def __init__(self, f: Any, url: str) -> None:
+        super().__init__()
+        self._f, self.url = f, url
+
+    @classmethod
+    def open(cls, fs: fsspec.AbstractFileSystem, path: str, url: str) -> _StorageFile:
+        try:
+            return cls(fs.open(path, "rb"), url)
+        except Exception as exc:  # storage backends raise many types
+            raise _read_failure(url, exc) from exc
+
+    def _call(self, method: Callable, *args: Any) -> Any:
+        try:
+            return method(*args)
+        except Exception as exc:  # storage backends raise many types
+            raise _read_failure(self.url, exc) from exc
+
+    def read(self, size: int = -1) -> bytes:
+        return self._call(self._f.read, size)
+
+    def readinto(self, buffer: Any) -> int:
+        return self._call(self._f.readinto, buffer)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._call(self._f.seek, offset, whence)
+
+    def tell(self) -> int:
+        return self._call(self._f.tell)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._call(self._f.close)
+            finally:
+                super().close()
 
 
 # --------------------------------------------------------------------------- listing
@@ -264,6 +332,9 @@ def iter_members(spec: ShardSpec, storage_options: StorageOptions = None, limits
     (``UnreadableShard``, ``NoImageColumn``) when nothing can be read. Keys are
     :func:`escape_key`-escaped. ``limits`` (default :meth:`ReadLimits.default`) caps member sizes;
     ``tally``, if given, is filled in with what the shard contains as it is read.
+
+    Raises:
+        ShardReadError: Storage failed to deliver the shard's bytes (while opening or reading it).
     """
     limits = limits or ReadLimits.default()
     tally = tally if tally is not None else ShardTally()
@@ -330,14 +401,14 @@ class _Reread:
     ``tarfile.open(mode="r:*")`` gives for every compression (gzip/bz2/xz seek by decompressing).
     """
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
-        self.fs, self.path = fs, path
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, url: str) -> None:
+        self.fs, self.path, self.url = fs, path, url
         self.f: Any = None
         self.tf: tarfile.TarFile | None = None
 
     def read(self, offset: int, size: int) -> bytes:
         if self.tf is None:
-            self.f = self.fs.open(self.path, "rb")
+            self.f = _StorageFile.open(self.fs, self.path, self.url)
             self.tf = tarfile.open(fileobj=self.f, mode="r:*")
         fileobj = self.tf.fileobj
         assert fileobj is not None
@@ -357,13 +428,8 @@ def _iter_tar(spec: ShardSpec, storage_options: StorageOptions, limits: ReadLimi
               tally: ShardTally) -> Iterator[Member]:
     url = spec.urls[0]
     fs, path = get_fs(url, storage_options)
-    try:
-        f = fs.open(path, "rb")
-    except Exception as exc:  # storage backends raise many types
-        tally.members += 1
-        yield _error("__shard__", 0, "UnreadableShard", describe_storage_error(url, exc))
-        return
-    reread = _Reread(fs, path)
+    f = _StorageFile.open(fs, path, url)
+    reread = _Reread(fs, path, url)
     with f:
         try:
             tf = tarfile.open(fileobj=f, mode="r|*", tarinfo=_EndTrackingTarInfo)
@@ -452,7 +518,9 @@ def _tar_file(tf: tarfile.TarFile, info: tarfile.TarInfo, name: str, suffix: str
             return _too_large(f"{name} (hard link to {target})", size, cap, flag)
         try:
             return reread.read(offset, size)
-        except Exception as exc:  # storage backends and decompressors raise many types
+        except ShardReadError:
+            raise
+        except Exception as exc:  # decompressors raise many types
             return _Problem("UnresolvedLink", f"{name}: cannot re-read its hard-link target {target} "
                                               f"({_reason(exc)})")
     kind = ("symbolic link" if info.issym() else "FIFO" if info.isfifo() else "character device" if info.ischr()
@@ -512,14 +580,12 @@ class _MemberBuilder:
             return _error(key, index, "NullImage", "image column is null in this row")
         return self._finish(key, index, bytes(data), ext or _sniff_ext(data), label, meta)
 
-    def image_member(self, key: str, data: bytes | None, ext: str, error: str | _Problem | None) -> Member:
+    def image_member(self, key: str, data: bytes | None, ext: str, error: _Problem | None) -> Member:
         key, index, dup = self._next(key)
         if dup is not None:
             return dup
-        if isinstance(error, _Problem):
-            return _error(key, index, error.error_type, error.message, ext)
         if error is not None:
-            return _error(key, index, "UnreadableFile", error, ext)
+            return _error(key, index, error.error_type, error.message, ext)
         return Member(key, index, data, ext, None, None)
 
     @staticmethod
@@ -637,13 +703,7 @@ def _iter_parquet(spec: ShardSpec, storage_options: StorageOptions, limits: Read
                   tally: ShardTally) -> Iterator[Member]:
     url = spec.urls[0]
     fs, path = get_fs(url, storage_options)
-    try:
-        f = fs.open(path, "rb")
-    except Exception as exc:  # storage backends raise many types
-        tally.members += 1
-        yield _error("__shard__", 0, "UnreadableShard", describe_storage_error(url, exc))
-        return
-    with f:
+    with _StorageFile.open(fs, path, url) as f:
         try:
             pf = pq.ParquetFile(f, buffer_size=1 << 20)  # buffered: a column chunk is not read whole
             cols = _parquet_columns(pf.schema_arrow)
@@ -733,13 +793,12 @@ def _iter_images(spec: ShardSpec, storage_options: StorageOptions, limits: ReadL
         if builder.has(key):  # a.png and a.jpg side by side: keep both, the later one by full name
             key = rel
         fs, path = get_fs(url, storage_options)
-        data: bytes | None = None
-        error: str | _Problem | None = None
+        error: _Problem | None = None
         try:
             # One ranged read: never more than the cap (+1 byte to tell "over") in memory.
-            data = fs.cat_file(path, start=0, end=cap + 1)
+            data: bytes | None = fs.cat_file(path, start=0, end=cap + 1)
         except Exception as exc:  # storage backends raise many types
-            error = describe_storage_error(url, exc)
+            raise _read_failure(url, exc) from exc
         if data is not None and len(data) > cap:
             size = _file_size(fs, path)
             data, error = None, _too_large(rel, size if size is not None else len(data), cap, "--max-member-bytes")

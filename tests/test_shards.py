@@ -16,7 +16,7 @@ from PIL import Image
 
 from pipeline.decode import decode_image
 from pipeline.idx import read_idx
-from pipeline.shards import Member, ShardSpec, expand_shards, iter_members, write_shards
+from pipeline.shards import Member, ShardReadError, ShardSpec, expand_shards, iter_members, write_shards
 from vae_model.errors import NoShardsError, ShardError, StorageError
 
 DEMO = Path(__file__).resolve().parent.parent / "data" / "demo"
@@ -151,14 +151,14 @@ def test_image_folder_round_trip(base):
     assert [m.index for m in got] == [0, 1, 0, 1, 0]
 
 
-def test_image_folder_missing_file_is_an_error_member(base):
+def test_image_folder_missing_file_fails_the_shard(base):
     put(f"{base}/imgs/a.png", png(1))
     spec = expand_shards(f"{base}/imgs")[0]
     spec = ShardSpec(spec.name, "images", spec.urls + (spec.urls[0].replace("a.png", "gone.png"),))
-    ok, missing = iter_members(spec)
-    assert ok.error is None
-    assert (missing.key, missing.data, missing.error_type) == ("gone", None, "UnreadableFile")
-    assert "not found" in missing.error
+    it = iter_members(spec)
+    assert next(it).error is None
+    with pytest.raises(ShardReadError, match="gone.png: not found"):  # storage, not data: no dead letter
+        next(it)
 
 
 @pytest.mark.parametrize("fmt", ["tar", "parquet"])
@@ -315,10 +315,10 @@ def test_unreadable_shard_is_one_error_member(tmp_path, name, data):
     assert str(path) in m.error
 
 
-def test_missing_shard_file_is_unreadable(tmp_path):
+def test_missing_shard_file_fails_the_shard(tmp_path):
     spec = ShardSpec(str(tmp_path / "gone.tar"), "tar", (str(tmp_path / "gone.tar"),))
-    [m] = iter_members(spec)
-    assert m.error_type == "UnreadableShard" and "not found" in m.error
+    with pytest.raises(ShardReadError, match="gone.tar: not found"):
+        list(iter_members(spec))
 
 
 def test_truncated_parquet(tmp_path):
