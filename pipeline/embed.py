@@ -14,7 +14,7 @@ import os
 import queue
 import threading
 import time
-from typing import Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -78,6 +78,25 @@ class _Prefetch:
             yield item
 
 
+class BatchItem(NamedTuple):
+    """One decoded image on its way to a row (the row's other columns come from its scores)."""
+
+    key: str  # the row's key: escaped shard name + "/" + member key
+    index: int  # position in the shard
+    label: int | None
+    meta: Any  # the JSON sidecar / metadata cell, parsed; None when absent
+    pixels: np.ndarray  # uint8 (C, H, W)
+
+
+def _column(value: Any, typ: pa.DataType, n: int) -> pa.Array:
+    """One row column of ``n`` values; ``None``: a null column (a score this run does not compute)."""
+    if value is None:
+        return pa.nulls(n, typ)
+    if pa.types.is_fixed_size_list(typ):  # the embedding: (n, latent_dim) float32
+        return pa.FixedSizeListArray.from_arrays(pa.array(value.reshape(-1), typ.value_type), typ.list_size)
+    return pa.array(value, typ)
+
+
 class ShardEmbedder:
     """Loads the model once; :meth:`process` embeds one shard end to end."""
 
@@ -135,13 +154,13 @@ class ShardEmbedder:
                 "pid": os.getpid()}
 
     # -- work ----------------------------------------------------------------------------
-    def _decoded(self, spec: ShardSpec, errors: list[dict], tally: ShardTally) -> Iterator[list[tuple]]:
-        """Batches of (key, index, label, meta, pixels); read/decode failures go to ``errors``;
+    def _decoded(self, spec: ShardSpec, errors: list[dict], tally: ShardTally) -> Iterator[list[BatchItem]]:
+        """Batches of decoded images (:class:`BatchItem`); read/decode failures go to ``errors``;
         the reader counts what the shard contains into ``tally``."""
         c, size, bs = self.cfg.channels, self.cfg.image_size, self.opts.batch_size
         limits = ReadLimits(self.opts.max_member_bytes, self.opts.max_sidecar_bytes)
         shard = escape_key(spec.name)
-        batch: list[tuple] = []
+        batch: list[BatchItem] = []
         for m in iter_members(spec, self.opts.storage_options, limits=limits, tally=tally):
             key = f"{shard}/{m.key}"
             if m.error is not None or m.data is None:
@@ -154,7 +173,7 @@ class ShardEmbedder:
                 etype = getattr(exc, "error_type", "ImageDecodeError")
                 errors.append(self._error(key, spec, m.index, "decode", etype, str(exc)))
                 continue
-            batch.append((key, m.index, m.label, m.meta, pixels))
+            batch.append(BatchItem(key, m.index, m.label, m.meta, pixels))
             if len(batch) == bs:
                 yield batch
                 batch = []
@@ -165,32 +184,19 @@ class ShardEmbedder:
         return {"key": key, "shard": escape_key(spec.name), "index": index, "stage": stage, "error_type": etype,
                 "message": printable(message[:2000]), "model_id": self.ckpt.model_id, "run_date": self.run_date}
 
-    def _record_batch(self, spec: ShardSpec, batch: list[tuple], s: dict[str, np.ndarray]) -> pa.RecordBatch:
-        n = len(batch)
-        emb = s["embedding"]
-        score = s["anomaly_score"]
-        pct = percentile_of(score, self.table) if self.table else None
-        is_anom = score > self.threshold if self.threshold is not None else None
-        none = pa.nulls(n, pa.float64())
-        cols = {
-            "key": pa.array([b[0] for b in batch], pa.string()),
-            "shard": pa.array([escape_key(spec.name)] * n, pa.string()),
-            "index": pa.array([b[1] for b in batch], pa.int64()),
-            "label": pa.array([b[2] for b in batch], pa.int64()),
-            "meta": pa.array([json.dumps(b[3]) if b[3] is not None else None for b in batch], pa.string()),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), emb.shape[1]),
-            "elbo": pa.array(s["elbo"]), "recon_nll": pa.array(s["recon_nll"]), "kl": pa.array(s["kl"]),
-            "bits_per_dim": pa.array(s["bits_per_dim"]),
-            "iwae_nll": pa.array(s["iwae_nll"]) if "iwae_nll" in s else none,
-            "complexity": pa.array(s["complexity"]) if "complexity" in s else none,
-            "typicality": pa.array(s["typicality"]) if "typicality" in s else none,
-            "anomaly_score": pa.array(score),
-            "anomaly_percentile": pa.array(pct) if pct is not None else none,
-            "is_anomaly": pa.array(is_anom) if is_anom is not None else pa.nulls(n, pa.bool_()),
-            "model_id": pa.array([self.ckpt.model_id] * n, pa.string()),
-            "run_date": pa.array([self.run_date] * n, pa.date32()),
-        }
-        return pa.RecordBatch.from_pydict(cols, schema=self.schema)
+    def _record_batch(self, spec: ShardSpec, batch: list[BatchItem], s: dict[str, np.ndarray]) -> pa.RecordBatch:
+        """The rows of scored images: every column of ``self.schema`` (pipeline.schema.ROW_COLUMNS)
+        in order, from the item, the run, or the score of the same name (null when not computed)."""
+        n, score = len(batch), s["anomaly_score"]
+        values = {**s,
+                  "key": [b.key for b in batch], "index": [b.index for b in batch], "label": [b.label for b in batch],
+                  "meta": [json.dumps(b.meta) if b.meta is not None else None for b in batch],
+                  "shard": [escape_key(spec.name)] * n, "model_id": [self.ckpt.model_id] * n,
+                  "run_date": [self.run_date] * n,
+                  "anomaly_percentile": percentile_of(score, self.table) if self.table else None,
+                  "is_anomaly": score > self.threshold if self.threshold is not None else None}
+        cols = [_column(values.get(f.name), f.type, n) for f in self.schema]
+        return pa.RecordBatch.from_arrays(cols, schema=self.schema)
 
     def process(self, spec: ShardSpec) -> dict:
         """Embed one shard (or skip it if its output is complete); returns its summary."""
@@ -231,18 +237,19 @@ class ShardEmbedder:
     def _score(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         return score_batch(self.ckpt.model, pixels, None, self.score_opts, self.device)
 
-    def _scored(self, spec: ShardSpec, batch: list, errors: list[dict]) -> Iterator[tuple[list, dict]]:
+    def _scored(self, spec: ShardSpec, batch: list[BatchItem], errors: list[dict]
+                ) -> Iterator[tuple[list[BatchItem], dict]]:
         """Score a batch; when that fails (out of memory, ...) score its halves, down to single
         images, so one failure costs the fewest images (dead letters) and never the job."""
         try:
-            scores = self._score(np.stack([b[4] for b in batch]))
+            scores = self._score(np.stack([b.pixels for b in batch]))
         except (MemoryError, RuntimeError, ValueError) as exc:  # RuntimeError: torch's out of memory
             failure = (type(exc).__name__, " ".join(str(exc).split()))  # not exc: its frames hold the batch
         else:
             yield batch, scores
             return
         if len(batch) == 1:
-            errors.append(self._error(batch[0][0], spec, batch[0][1], "score", *failure))
+            errors.append(self._error(batch[0].key, spec, batch[0].index, "score", *failure))
             return
         log.warning("%s: scoring %d images failed (%s: %.200s); retrying in halves", spec.name, len(batch), *failure)
         mid = len(batch) // 2
