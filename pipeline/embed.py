@@ -22,13 +22,14 @@ import torch
 
 from pipeline.decode import decode_image
 from pipeline.lease import check_driver
-from pipeline.options import EmbedOptions, check_score_supported, output_key, output_name, resolved_precision
+from pipeline.options import EmbedOptions, check_score_supported, output_key, output_name
 from pipeline.schema import ERROR_SCHEMA, latent_schema
 from pipeline.shards import ReadLimits, ShardSpec, ShardTally, escape_key, iter_members, printable
 from pipeline.writer import AtomicParquetWriter, read_metadata
 from vae_model.calibration import percentile_of, threshold_for
 from vae_model.checkpoint import Checkpoint, load_checkpoint
 from vae_model.checkpoint_header import calibration_id
+from vae_model.device import pick_device, scoring_precision
 from vae_model.errors import ImageDecodeError
 from vae_model.runtime import release_memory
 from vae_model.scoring import ScoreOptions, for_scoring, score_batch
@@ -37,15 +38,9 @@ from vae_model.storage import fresh_fs, join
 log = logging.getLogger(__name__)
 
 
-def resolve_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return resolved_precision(requested, device.type, bf16_supported=bf16)
+# The device and scoring-precision policy (vae_model.device), under the names embed has always used.
+resolve_device = pick_device
+resolve_precision = scoring_precision
 
 
 class _Prefetch:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from vae_model.config import SCORES
+from vae_model.device import scoring_precision_for
 from vae_model.errors import ConfigError
 
 if TYPE_CHECKING:  # kept out of the import: the CLI builds its flags from this module
@@ -180,12 +181,8 @@ def output_key(opts: EmbedOptions, model_id: str, calibration: str, precision: s
     return hashlib.sha256(blob).hexdigest()[:20], settings
 
 
-def resolved_precision(requested: str, device_type: str, bf16_supported: bool = True) -> str:
-    """The scoring precision: ``auto`` is fp32 on CPU (rows must agree to 1e-5 whatever the batch
-    size or runner, and bf16 rounding does not) and bf16 on CUDA (the throughput default there)."""
-    if requested != "auto":
-        return requested
-    return "bf16" if device_type == "cuda" and bf16_supported else "fp32"
+# The scoring precision for a device type (the policy is vae_model.device's; torch-free).
+resolved_precision = scoring_precision_for
 
 
 def check_score_supported(opts: EmbedOptions, ckpt: CheckpointInfo) -> dict | None:
