@@ -123,11 +123,12 @@ def test_grad_limit_is_the_tighter_of_fixed_and_adaptive():
 
 def test_non_finite_gradient_skips_the_update_and_spikes_are_clipped():
     from jobs.train import clipped_step
+    from jobs.train_state import TrainState
     torch.manual_seed(0)
     model = VAE(VAEConfig(**TINY_MODEL))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     cfg = TrainConfig(data_url="x", out="y", grad_clip_factor=5)
-    state = {"grad_norms": [], "clipped": 0, "skipped": 0, "step": 0}
+    state = TrainState()
     x = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
 
     def backward(scale: float = 1.0):
@@ -136,15 +137,15 @@ def test_non_finite_gradient_skips_the_update_and_spikes_are_clipped():
 
     backward()
     norm, limit = clipped_step(model, opt, cfg, state)
-    assert limit == float("inf") and state["grad_norms"] == [norm] and state["clipped"] == 0
+    assert limit == float("inf") and state.grad_norms == [norm] and state.clipped == 0
     backward(scale=100.0)  # a spike: 100x the loss, ~100x the gradient norm
     norm2, limit2 = clipped_step(model, opt, cfg, state)
-    assert limit2 == 5 * norm and norm2 > limit2 and state["clipped"] == 1
+    assert limit2 == 5 * norm and norm2 > limit2 and state.clipped == 1
     before = [p.detach().clone() for p in model.parameters()]
     backward()
     next(model.parameters()).grad.view(-1)[0] = float("nan")
     norm3, _ = clipped_step(model, opt, cfg, state)
-    assert norm3 != norm3 and state["skipped"] == 1 and len(state["grad_norms"]) == 2
+    assert norm3 != norm3 and state.skipped == 1 and len(state.grad_norms) == 2
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # weights untouched
 
 
