@@ -32,11 +32,6 @@ def importance_log_weights(log_px_given_z: torch.Tensor, log_pz: torch.Tensor,
     return log_px_given_z + log_pz - log_qz
 
 
-def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:
-    """log (1/K) sum_k w_k for (K, B) log weights -> (B,). A lower bound on log p(x)."""
-    return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
-
-
 def kl_warmup_weight(step: int, warmup_steps: int, beta: float = 1.0) -> float:
     """Linear KL annealing from 0 to ``beta`` over ``warmup_steps`` optimiser steps."""
     if warmup_steps <= 0:

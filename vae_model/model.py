@@ -108,8 +108,9 @@ class VAE(nn.Module):
         """z (..., D) -> pixel distribution over (prod(...), C, H, W).
 
         ``precise`` evaluates the likelihood in float64: its per-pixel terms cancel and sum over
-        thousands of pixels, which in float32 leaves ~1e-5 relative noise that depends on batch
-        size and threads. Scoring uses it; training does not need it."""
+        thousands of pixels, which in float32 leaves rounding noise that depends on batch size
+        and threads, as large as the 1e-5 to which rows must reproduce. Scoring uses it;
+        training does not need it."""
         params = self.decoder(z.reshape(-1, z.shape[-1]))
         return self._pixels(params.double() if precise else params)
 

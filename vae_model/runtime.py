@@ -1,23 +1,24 @@
-"""Process-level settings for CPU throughput.
+"""Process tuning: settings of the Python process itself, shared by training and scoring.
 
-glibc's malloc serves allocations above a moving threshold (128 KiB, rising to at most 32 MiB)
-with fresh ``mmap`` pages and hands them back to the kernel on ``free``. A conv VAE's activations
-for a batch of 256 28x28 images are 6-26 MB each, so every forward pass page-faults its
-activations in anew: on this project's 2-core benchmark machine that cost 15-25% of a scoring
-batch (BENCHMARKS.md, pipeline throughput). :func:`tune_allocator` raises the mmap and trim
-thresholds so that freed activation memory is reused from the heap, as jemalloc or tcmalloc
-(which PyTorch's CPU performance guide recommends preloading) would do. The cost is that up to
-the trim threshold of freed memory stays mapped to the process: long-running loops call
-:func:`release_memory` between units of work (the pipeline does after each shard), which keeps
-their resident size flat however many batches they run.
+Two things that no library call sets for us, each off with an environment variable and a no-op
+where it does not apply. Their measured effects are in BENCHMARKS.md ("Pipeline throughput").
 
-Off with ``VAEPIPE_TUNE_MALLOC=0``; a no-op where the C library is not glibc.
+:func:`tune_allocator` raises glibc malloc's mmap and trim thresholds. By default glibc serves
+allocations above a moving threshold (128 KiB, rising to at most 32 MiB) with fresh ``mmap``
+pages and hands them back to the kernel on ``free``; a conv VAE's activations for a batch are
+megabytes each, so every forward pass would page-fault them in anew. With the thresholds raised
+freed activation memory is reused from the heap, as jemalloc or tcmalloc (which PyTorch's CPU
+performance guide recommends preloading) would do. The cost is that up to the trim threshold of
+freed memory stays mapped to the process: long-running loops call :func:`release_memory`
+between units of work (the pipeline does after each shard), which keeps their resident size
+flat however many batches they run. Off with ``VAEPIPE_TUNE_MALLOC=0``; a no-op where the C
+library is not glibc.
 
-:func:`skip_exit_gc`: with torch and Beam imported, the interpreter's last garbage collection
-at exit walks millions of objects for about 0.3-0.4 s on this machine, and a pipeline pays it
-in the driver and (one after another, as Beam's DirectRunner stops them) in every worker
-process. Freezing the heap from an ``atexit`` hook skips that walk; memory goes back to the
-OS as the process ends. Off with ``VAEPIPE_EXIT_GC=1``.
+:func:`skip_exit_gc`: with torch and Beam imported, the interpreter's last garbage collection at
+exit walks millions of objects, and a pipeline pays it in the driver and (one after another, as
+Beam's DirectRunner stops them) in every worker process. Freezing the heap from an ``atexit``
+hook skips that walk; memory goes back to the OS as the process ends. Off with
+``VAEPIPE_EXIT_GC=1``.
 """
 from __future__ import annotations
 
