@@ -105,3 +105,14 @@ def test_a_reference_without_the_latent_view_still_scores():
     old = TypicalityReference.from_dict(kde.to_dict())  # what earlier checkpoints store
     tf = _band(10, rng)
     np.testing.assert_allclose(old.score(tf, np.zeros((10, 4))), kde.score(tf))
+
+
+def test_only_the_typicality_score_requires_a_reference():
+    from vae_model.errors import ConfigError
+    from vae_model.typicality import required_reference
+
+    assert all(required_reference(s, None) is None for s in ("elbo", "iwae", "complexity"))
+    ref = {"kind": "typicality_v2"}
+    assert required_reference("typicality", ref) is ref
+    with pytest.raises(ConfigError, match=r"^m\.safetensors has no typicality reference .* --score complexity$"):
+        required_reference("typicality", {}, "m.safetensors")

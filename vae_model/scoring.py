@@ -30,7 +30,7 @@ from .losses import LN2
 from .model import VAE
 from .noise import iwae_noise_for_keys, noise_for_keys, pixel_ids
 from .runtime import tune_allocator
-from .typicality import TypicalityReference, reference_for_score
+from .typicality import TypicalityReference, required_reference
 
 
 def compressed_bits(img: np.ndarray, codec: str = "webp") -> float:
@@ -54,8 +54,8 @@ class ScoreOptions:
     on the driver; the training and calibration commands' options), so only the invariants
     scoring relies on are asserted here; ``iwae_k`` is :meth:`VAE.iwae`'s to check (a
     ValueError), since only the ``iwae`` score uses it. The typicality reference is parsed once,
-    here, by :func:`vae_model.typicality.reference_for_score` (a ConfigError when the score
-    needs it and it is missing or malformed), not once per batch.
+    here (a ConfigError when the score needs it and it is missing,
+    :func:`vae_model.typicality.required_reference`, or malformed), not once per batch.
     """
 
     score: str = "elbo"  # which score becomes anomaly_score
@@ -68,7 +68,8 @@ class ScoreOptions:
 
     def __post_init__(self) -> None:
         assert self.score in SCORES and self.precision in ("fp32", "bf16"), self
-        self.typicality = reference_for_score(self.score, self.reference)
+        reference = required_reference(self.score, self.reference)
+        self.typicality = None if reference is None else TypicalityReference.from_dict(reference)
 
 
 def for_scoring(model: VAE, device: torch.device | str = "cpu", precision: str = "fp32") -> VAE:

@@ -245,18 +245,20 @@ class TypicalityReference:
         return ref
 
 
-def reference_for_score(score: str, reference: Any, source: str = "the checkpoint") -> TypicalityReference | None:
-    """The parsed typicality reference ``score`` needs: None for every score but ``typicality``,
+
+def required_reference(score: str, reference: Any, source: str = "the checkpoint") -> Any:
+    """The stored typicality reference ``score`` needs: None for every score but ``typicality``,
     which needs the checkpoint's (meta ``typicality``). The one statement of that rule: scoring
-    (:class:`vae_model.scoring.ScoreOptions`) and the embed driver's check both call this.
+    (:class:`vae_model.scoring.ScoreOptions`, which then parses it) and the embed driver's check
+    call this; the reference's format is :meth:`TypicalityReference.from_dict`'s to check.
 
     Raises:
-        ConfigError: the reference is missing; ``source`` (the checkpoint's URL) names it.
-        ReferenceFormatError: it is malformed (:meth:`TypicalityReference.from_dict`).
+        ConfigError: the score needs the reference and it is missing; ``source`` (the
+            checkpoint's URL) names where.
     """
     if score != "typicality":
         return None
     if not reference:
         raise ConfigError(f"{source} has no typicality reference (trained by an older vaepipe?); "
                           "retrain it or use --score complexity")
-    return TypicalityReference.from_dict(reference)
+    return reference
