@@ -37,10 +37,10 @@ def main() -> None:
     import torch
 
     from pipeline.decode import decode_image
-    from pipeline.embed import EmbedOptions, ShardEmbedder
+    from pipeline.embed import BatchItem, EmbedOptions, ShardEmbedder
     from pipeline.shards import expand_shards, iter_members
-    from vae_model.model import noise_for_keys
-    from vae_model.scoring import ScoreOptions, pixel_ids, score_batch
+    from vae_model.noise import noise_for_keys, pixel_ids
+    from vae_model.scoring import ScoreOptions, score_batch
 
     torch.set_num_threads(1)
     ck = str(common.ensure_checkpoint(quick=args.quick))
@@ -103,7 +103,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             w = AtomicParquetWriter(f"{tmp}/x.parquet", emb.schema)
             for (k, _x), s in zip(batches, scored):
-                rows = [(kk, 0, None, None, None) for kk in k]
+                rows = [BatchItem(kk, 0, None, None, None) for kk in k]
                 w.write(emb._record_batch(spec, rows, s))
             w.commit({"a": "b"})
 
