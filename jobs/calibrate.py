@@ -20,6 +20,7 @@ import torch
 
 from jobs.data import ShardImageDataset, list_specs, load_tensor
 from vae_model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from vae_model.device import pick_device
 from vae_model.errors import ConfigError, VaePipeError
 from vae_model.scoring import ScoreOptions, calibration_id, fit_reference
 from vae_model.storage import StorageOptions
@@ -57,8 +58,9 @@ def calibrate(checkpoint_url: str, data_url: str, limit: int | None = 10000, iwa
               storage_options: StorageOptions = None) -> dict:
     """Recalibrate ``checkpoint_url`` on (up to ``limit``) images of ``data_url``; they should be
     normal data the model was not trained on."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # Statistics that fail verification are what recalibrating replaces: load without them.
+    device = pick_device()
+    # Statistics that fail verification are what recalibrating replaces: load without them
+    # (once: store_calibration fits and writes this same checkpoint).
     ckpt = load_checkpoint(checkpoint_url, storage_options, map_location=device, verify_calibration=False)
     cfg = ckpt.config
     ds = ShardImageDataset(list_specs(data_url, storage_options), cfg.channels, cfg.image_size, split="all",
