@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from vae_model.config import SCORES
-from vae_model.device import scoring_precision_for
+from vae_model.device import DEVICES, PRECISIONS, scoring_precision_for
 from vae_model.errors import ConfigError
 
 if TYPE_CHECKING:  # kept out of the import: the CLI builds its flags from this module
@@ -25,7 +25,6 @@ if TYPE_CHECKING:  # kept out of the import: the CLI builds its flags from this 
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_MEMBER_BYTES = 64 << 20
 DEFAULT_MAX_SIDECAR_BYTES = 1 << 20
-PRECISIONS = ("auto", "fp32", "bf16")
 MODES = ("refuse", "append", "overwrite")
 # (option, smallest, largest): checked on the driver, so a bad value fails before anything is written.
 # IWAE memory is bounded by chunking whatever k is; the bound on k bounds the time (k decoder passes an image).
@@ -74,7 +73,7 @@ class EmbedOptions:
             raise ConfigError(f"--score {self.score}: choose one of {', '.join(SCORES)}")
         if not isinstance(self.threshold_quantile, (int, float)) or not 0 < self.threshold_quantile < 1:
             raise ConfigError("--threshold-quantile must be between 0 and 1, e.g. 0.99")
-        if self.device not in ("auto", "cpu", "cuda"):
+        if self.device not in DEVICES:
             raise ConfigError("--device must be auto, cpu or cuda")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
@@ -119,7 +118,7 @@ EMBED_FLAGS: tuple[Flag, ...] = (
     Flag("checkpoint", "Checkpoint URL."),
     Flag("out_url", "Output folder/prefix URL for Parquet files.", name="--out"),
     Flag("batch_size", "Images scored per forward pass."),
-    Flag("device", "Where to score.", choices=("auto", "cpu", "cuda")),
+    Flag("device", "Where to score.", choices=DEVICES),
     Flag("score", "anomaly_score: -ELBO (nats); -IWAE_k (nats); complexity = -ELBO bits minus lossless-coder bits "
                   "(Serra et al. 2020); typicality = -log density of (-ELBO bits, coder bits) among validation "
                   "images plus a latent nearest-neighbour density (best for out-of-distribution inputs).",
