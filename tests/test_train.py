@@ -20,8 +20,8 @@ def _cfg(data, out, **kw):
 def test_training_lowers_validation_loss_on_real_data(fashion_shards, tmp_path):
     out = tmp_path / "m.safetensors"
     res = train(_cfg(fashion_shards, out, epochs=3), progress=False)
-    epochs = [json.loads(l) for l in (tmp_path / "m.safetensors.metrics.jsonl").read_text().splitlines()
-              if json.loads(l)["event"] == "epoch"]
+    epochs = [json.loads(line) for line in (tmp_path / "m.safetensors.metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["event"] == "epoch"]
     assert len(epochs) == 3
     # An untrained model of the same config, scored on the same validation images, is far worse.
     ckpt = load_checkpoint(str(out))
@@ -85,16 +85,16 @@ def test_resume_mid_epoch_after_time_limit(fashion_shards, tmp_path):
 def test_cosine_schedule_and_in_memory_epochs(fashion_shards, tmp_path):
     out = tmp_path / "c.safetensors"
     train(_cfg(fashion_shards, out, epochs=3, lr_schedule="cosine"), progress=False)
-    epochs = [json.loads(l) for l in (tmp_path / "c.safetensors.metrics.jsonl").read_text().splitlines()
-              if json.loads(l)["event"] == "epoch"]
+    epochs = [json.loads(line) for line in (tmp_path / "c.safetensors.metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["event"] == "epoch"]
     # Epoch 1 streams the shards; later epochs draw from the decoded images kept in memory.
     assert [e["data"] for e in epochs] == ["stream", "memory", "memory"]
     lrs = [e["lr"] for e in epochs]
     assert lrs[0] > lrs[1] > lrs[2] >= 3e-3 * 0.02
     # With no room for the cache, every epoch streams (and the run still trains).
     train(_cfg(fashion_shards, tmp_path / "s.safetensors", epochs=2, cache_bytes=1000), progress=False)
-    streamed = [json.loads(l)["data"] for l in (tmp_path / "s.safetensors.metrics.jsonl").read_text().splitlines()
-                if json.loads(l)["event"] == "epoch"]
+    streamed = [json.loads(line)["data"] for line in (tmp_path / "s.safetensors.metrics.jsonl").read_text().splitlines()
+                if json.loads(line)["event"] == "epoch"]
     assert streamed == ["stream", "stream"]
 
 
@@ -281,3 +281,126 @@ def test_structurally_wrong_resume_state_is_one_line(fashion_shards, tmp_path):
             train(_cfg(fashion_shards, out, epochs=1, resume=True), progress=False)
         assert "\n" not in str(info.value)
     assert not out.exists()
+
+
+# -- issue 11: the loop's pieces (start, restore, train_epoch, end_epoch) and its typed state -------
+
+
+def test_train_state_round_trips_and_reads_the_dict_format_of_earlier_runs():
+    import math
+
+    from jobs.train_state import TrainState
+
+    state = TrainState(epoch=2, step=40, best=101.5, best_bpd=0.75, bad_epochs=1, grad_norms=[1.0, 2.5], clipped=3,
+                       skipped=1, steps_per_epoch=20, cached=True, history=[{"event": "epoch", "epoch": 2}])
+    assert TrainState.from_json_dict(json.loads(state.to_json())) == state
+    fresh = TrainState()
+    assert math.isinf(TrainState.from_json_dict(json.loads(fresh.to_json())).best)  # JSON Infinity
+    # What the untyped loop wrote after a time-limit stop in epoch 1 (no steps_per_epoch, cached yet) ...
+    before = {"epoch": 0, "step": 1, "step_in_epoch": 1, "best": math.inf, "best_bpd": math.inf, "bad_epochs": 0,
+              "grad_norms": [3.0], "clipped": 0, "skipped": 0, "history": []}
+    assert TrainState.from_json_dict(json.loads(json.dumps(before))) == TrainState(step=1, step_in_epoch=1,
+                                                                                   grad_norms=[3.0])
+    # ... and the minimal state of an older vaepipe: the rest takes its defaults; an int best is a float.
+    minimal = {"epoch": 1, "step": 9, "step_in_epoch": 0, "best": 7, "bad_epochs": 0, "history": []}
+    loaded = TrainState.from_json_dict(minimal)
+    assert loaded == TrainState(epoch=1, step=9, best=7.0) and isinstance(loaded.best, float)
+
+
+def test_resume_file_restores_weights_optimiser_and_rngs_exactly(tmp_path):
+    from jobs.train_state import TrainState, apply_resume, load_resume, save_resume
+
+    cfg = VAEConfig(**TINY_MODEL)
+    x = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
+
+    def parts(seed):
+        torch.manual_seed(seed)
+        model = VAE(cfg)
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3), torch.Generator().manual_seed(seed)
+
+    model, opt, gen = parts(0)
+    model(x, generator=gen).neg_elbo.mean().backward()
+    opt.step()
+    url = str(tmp_path / "m.safetensors.resume.pt")
+    state = TrainState(epoch=1, step=1, best=3.5, history=[{"event": "epoch"}])
+    save_resume(url, model, opt, gen, cfg, state, None)
+
+    model2, opt2, gen2 = parts(1)
+    torch.manual_seed(1)
+    assert apply_resume(url, load_resume(url, None), model2, opt2, gen2, cfg) == state
+    for (k, v), v2 in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(v, v2), k
+    assert opt2.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
+    assert torch.equal(torch.randn(3, generator=gen2), torch.randn(3, generator=gen))  # the training noise
+    other = VAEConfig(**{**TINY_MODEL, "latent_dim": TINY_MODEL["latent_dim"] + 1})
+    import pytest
+    from vae_model.errors import ConfigError
+    with pytest.raises(ConfigError, match="different model config"):
+        apply_resume(url, load_resume(url, None), *parts(2), other)
+
+
+def test_one_epoch_then_restore_piece_by_piece(fashion_shards, tmp_path):
+    """start -> train_epoch -> end_epoch writes the best model, the resume state, metrics and a
+    grid; a new session's restore() continues from there with the same in-memory images."""
+    import time
+
+    from jobs.train import BEST, RESUME, end_epoch, restore, start, train_epoch
+    from jobs.train_state import TrainState
+
+    cfg = _cfg(fashion_shards, tmp_path / "m.safetensors", epochs=2, resume=True)
+    session = start(cfg, time.monotonic())
+    state = restore(session)
+    assert state == TrainState()  # --resume without a resume file: a fresh start
+    stats = train_epoch(session, state)
+    assert not stats.timed_out and state.step == state.step_in_epoch > 0 and stats.train.n > 0
+    assert end_epoch(session, state, stats) is False  # improved: no early stop
+    assert state.epoch == 1 and state.step_in_epoch == 0 and state.steps_per_epoch == state.step
+    assert state.cached and session.cache is not None and len(session.cache) == stats.train.n
+    assert [r["event"] for r in state.history] == ["epoch"] and state.bad_epochs == 0
+    for suffix in (BEST, RESUME, ".metrics.jsonl", ".epoch001.png"):
+        assert (tmp_path / ("m.safetensors" + suffix)).exists(), suffix
+
+    again = start(cfg, time.monotonic())
+    assert restore(again) == state
+    assert torch.equal(again.cache, session.cache)  # epoch 1's stream replayed into memory
+    for v, v2 in zip(session.model.state_dict().values(), again.model.state_dict().values()):
+        assert torch.equal(v, v2)
+
+
+def test_end_epoch_stops_after_patience_epochs_without_improvement(fashion_shards, tmp_path):
+    import time
+
+    from jobs.train import BEST, end_epoch, start, train_epoch
+    from jobs.train_state import TrainState
+
+    session = start(_cfg(fashion_shards, tmp_path / "m.safetensors", patience=1), time.monotonic())
+    state = TrainState(best=-1e30)  # nothing can beat this
+    assert end_epoch(session, state, train_epoch(session, state)) is True
+    assert state.bad_epochs == 1 and not (tmp_path / ("m.safetensors" + BEST)).exists()
+
+
+def test_train_epoch_stops_at_the_time_limit_after_one_step(fashion_shards, tmp_path):
+    import time
+
+    from jobs.train import start, train_epoch
+    from jobs.train_state import TrainState
+
+    session = start(_cfg(fashion_shards, tmp_path / "m.safetensors", time_limit=0.0), time.monotonic())
+    state = TrainState()
+    stats = train_epoch(session, state)
+    assert stats.timed_out and state.step == state.step_in_epoch == 1 and state.epoch == 0
+    assert session.cache is None  # a partial epoch 1 never becomes the in-memory split
+
+
+def test_cosine_lr_follows_the_further_of_epochs_and_wall_time():
+    from jobs.train import lr_factor
+    from jobs.train_state import TrainState
+
+    cfg = TrainConfig(data_url="x", out="y", epochs=4, lr_schedule="cosine", lr_min_ratio=0.1)
+    assert lr_factor(cfg, TrainState(), 0.0) == 1.0  # the epoch length is not known yet
+    half = TrainState(epoch=1, step_in_epoch=5, steps_per_epoch=5)  # 2 of 4 epochs
+    assert abs(lr_factor(cfg, half, 0.0) - 0.55) < 1e-12
+    assert lr_factor(cfg, TrainState(epoch=4, steps_per_epoch=5), 0.0) == 0.1
+    timed = TrainConfig(data_url="x", out="y", epochs=4, lr_schedule="cosine", lr_min_ratio=0.1, time_limit=10.0)
+    assert abs(lr_factor(timed, half, 10.0) - 0.1) < 1e-12  # the clock ran out first
+    assert lr_factor(TrainConfig(data_url="x", out="y"), half, 5.0) == 1.0  # constant
