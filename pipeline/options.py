@@ -185,12 +185,11 @@ resolved_precision = scoring_precision_for
 
 
 def check_score_supported(opts: EmbedOptions, ckpt: CheckpointInfo) -> dict | None:
-    """The typicality reference the score needs, or a ConfigError if the checkpoint lacks it."""
-    reference = ckpt.meta.get("typicality")
-    if opts.score == "typicality" and not reference:
-        raise ConfigError(f"{opts.checkpoint} has no typicality reference (trained by an older vaepipe?); "
-                          "retrain it or use --score complexity")
-    return reference
+    """The typicality reference the score needs (None for other scores), or a ConfigError if the
+    checkpoint lacks it: :func:`vae_model.typicality.required_reference` states the rule."""
+    from vae_model.typicality import required_reference  # numpy only: fine on the driver
+
+    return required_reference(opts.score, ckpt.meta.get("typicality"), opts.checkpoint)
 
 
 def options_dict(opts: EmbedOptions) -> dict:
