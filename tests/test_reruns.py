@@ -23,7 +23,8 @@ from pipeline.partition import PartitionConflictError
 from pipeline.run import run_embed
 from pipeline.shards import expand_shards
 from vae_model.checkpoint import load_checkpoint, save_checkpoint
-from vae_model.model import VAE, iwae_noise_for_keys
+from vae_model.model import VAE
+from vae_model.noise import iwae_noise_for_keys
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -82,7 +82,7 @@ def _is_int(v: Any) -> bool:
 
 
 def _quantile_table(name: str, table: Any) -> None:
-    """A table of :func:`vae_model.scoring.quantile_table`: {"0.5": v, ..., "min": v, "max": v, "n": n}."""
+    """A table of :func:`vae_model.calibration.quantile_table`: {"0.5": v, ..., "min": v, "max": v, "n": n}."""
     if not isinstance(table, dict):
         raise ConfigError(f"{name} must be a JSON object {{quantile: score}}, not {type(table).__name__}")
     quantiles = 0
