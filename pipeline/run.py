@@ -22,7 +22,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline.lease import Lease, RunAbandonedError, this_process
 from pipeline.manifest import clear_success, read_manifest
 from pipeline.options import (EMBED_FLAGS, REQUIRED_FLAGS, EmbedOptions, check_score_supported, flag_default,
-                              options_dict, output_key, output_name, resolved_precision)
+                              options_dict, output_key, output_name)
 from pipeline.partition import plan_partition
 from pipeline.progress import Progress, ProgressWatcher
 from pipeline.runner_args import (check_beam_flags, dask_args, gpu_present, local_parallelism_args, runner_name,
@@ -31,6 +31,7 @@ from pipeline.shards import expand_shards
 from pipeline.transforms import EmbedShards, ReadImageShards, WriteManifest
 from pipeline.writer import check_writable, remove_stale_temp_files
 from vae_model.checkpoint_header import calibration_id, inspect_checkpoint
+from vae_model.device import expected_precision
 from vae_model.storage import parse_storage_options
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,8 @@ OWN_FLAGS = tuple(f.flag for f in EMBED_FLAGS) + ("--no-skip-existing", "--stora
 
 
 def _driver_precision(opts: EmbedOptions) -> str:
-    """The precision workers on this machine resolve ``auto`` to (pipeline.options.resolved_precision)."""
-    cuda = opts.device == "cuda" or (opts.device == "auto" and gpu_present())
-    return resolved_precision(opts.precision, "cuda" if cuda else "cpu")
+    """The precision workers on this machine resolve ``auto`` to (vae_model.device, without torch)."""
+    return expected_precision(opts.precision, opts.device, gpu_present())
 
 
 def run_embed(data_url: str, opts: EmbedOptions, beam_args: list[str] | None = None,

@@ -79,3 +79,14 @@ def test_the_drivers_guess_imports_no_torch():
               "print(json.dumps({'p': p, 'torch': 'torch' in sys.modules}))")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"p": "bf16", "torch": False}
+
+
+def test_the_driver_keys_outputs_by_the_precision_its_workers_will_use(monkeypatch):
+    from pipeline import run
+    from pipeline.options import EmbedOptions
+
+    opts = EmbedOptions(checkpoint="m.safetensors", out_url="out/")
+    monkeypatch.setattr(run, "gpu_present", lambda: True)
+    assert run._driver_precision(opts) == "bf16"
+    monkeypatch.setattr(run, "gpu_present", lambda: False)
+    assert run._driver_precision(opts) == "fp32"
