@@ -27,6 +27,7 @@ def make_grid(images: torch.Tensor | np.ndarray, nrow: int | None = None, pad: i
 
 def save_grid(images: torch.Tensor | np.ndarray, url: str, nrow: int | None = None,
               storage_options: StorageOptions = None) -> None:
+    """Write :func:`make_grid`'s image to ``url`` as a PNG, in one atomic step."""
     buf = io.BytesIO()
     make_grid(images, nrow).save(buf, "PNG")
     atomic_write_bytes(url, buf.getvalue(), storage_options)
