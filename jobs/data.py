@@ -18,7 +18,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.decode import decode_image
-from pipeline.shards import ShardSpec, escape_key, expand_shards, iter_members
+from pipeline.members import escape_key
+from pipeline.shard_listing import expand_shards
+from pipeline.shards import ShardSpec, iter_members
 from vae_model.errors import ImageDecodeError, worker_error
 from vae_model.storage import StorageOptions, get_fs
 
@@ -55,7 +57,7 @@ class ShardImageDataset(IterableDataset):
     """Yields uint8 image tensors (C, H, W) from shards.
 
     Args:
-        specs: shards from :func:`pipeline.shards.expand_shards`.
+        specs: shards from :func:`pipeline.shard_listing.expand_shards`.
         split: "train" (hash not in validation), "val" (hash in validation) or "all".
         shuffle_buffer: 0 disables shuffling (validation).
     """

@@ -22,9 +22,10 @@ import torch
 
 from pipeline.decode import decode_image
 from pipeline.lease import check_driver
+from pipeline.members import ReadLimits, ShardTally, escape_key, printable
 from pipeline.options import EmbedOptions, check_score_supported, output_key, output_name
 from pipeline.schema import ERROR_SCHEMA, latent_schema
-from pipeline.shards import ReadLimits, ShardSpec, ShardTally, escape_key, iter_members, printable
+from pipeline.shards import ShardSpec, iter_members
 from pipeline.writer import AtomicParquetWriter, read_metadata
 from vae_model.calibration import percentile_of, threshold_for
 from vae_model.checkpoint import Checkpoint, load_checkpoint

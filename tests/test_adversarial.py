@@ -69,7 +69,8 @@ def test_every_adversarial_shard_is_rows_plus_dead_letters(shards, tiny_checkpoi
         "odd.tar/canvas": "ImageTooLarge", "odd.tar/huge": "MemberTooLarge", "odd.tar/meta": "MemberTooLarge",
         "odd.tar/nan": "BadMeta", "label.tar/big": "BadLabel", "dups.tar/a#1": "DuplicateKey",
         "links.tar/c": "UnresolvedLink", "links.tar/d": "NotARegularFile", "links.tar/e": "NotARegularFile",
-        "rows.parquet/big-label": "BadLabel", "hf.parquet/00000000": "ImageTooLarge", "images-00000/folder/huge": "MemberTooLarge"}
+        "rows.parquet/big-label": "BadLabel", "hf.parquet/00000000": "ImageTooLarge",
+        "images-00000/folder/huge": "MemberTooLarge"}
     assert "--max-pixels" in errors.loc[errors["error_type"] == "ImageTooLarge", "message"].iloc[0]
     got = {k.split("/in/", 1)[1] for k in rows["key"]}
     assert {"latin1.tar/caf%E9", "images-00000/folder/caf%E9", "links.tar/b", "links.tar.gz/b", "odd.tar/UPPER",

@@ -20,8 +20,12 @@ import pytest
 from PIL import Image
 
 from pipeline.embed import ShardEmbedder
+from pipeline.members import ShardTally
 from pipeline.options import EmbedOptions
-from pipeline.shards import ShardReadError, ShardTally, expand_shards, iter_members
+from pipeline.shard_file import ShardReadError
+from pipeline.shard_listing import expand_shards
+from pipeline.shards import ShardSpec, iter_members
+from shard_helpers import members
 
 REPO = Path(__file__).resolve().parents[1]
 VAEPIPE = str(Path(sys.executable).parent / "vaepipe")
@@ -138,7 +142,7 @@ def test_s3_truncated_tar_as_stored_is_still_a_dead_letter(s3_server, s3_bucket,
     assert len(list(out.glob("*.parquet"))) == 1
 
 
-# --------------------------------------------------------------------------- local: a file gone since listing
+# --------------------------------------------------------------------------- local: gone files, bad bytes
 
 
 def test_shard_deleted_after_listing_fails_the_run(tiny_checkpoint, tmp_path):
@@ -169,9 +173,17 @@ def test_file_gone_since_listing_raises_for_every_format(tmp_path, fmt):
         list(iter_members(spec, tally=tally))
 
 
-@pytest.mark.parametrize("name,data", [("junk.tar", b"not a tar" * 100), ("junk.parquet", b"PAR1 nope")])
-def test_bad_bytes_are_still_one_dead_letter(tmp_path, name, data):
-    (tmp_path / name).write_bytes(data)
-    [spec] = expand_shards(str(tmp_path / name))
-    [m] = iter_members(spec)
-    assert m.error_type == "UnreadableShard"
+@pytest.mark.parametrize("name,data", [("zero.tar", b""), ("junk.tar", b"this is not a tar file" * 50),
+                                       ("junk.parquet", b"PAR1 not really"), ("empty.parquet", b"")])
+def test_unreadable_shard_is_one_error_member(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    [m] = members(str(path))
+    assert (m.key, m.data, m.error_type) == ("__shard__", None, "UnreadableShard")
+    assert str(path) in m.error
+
+
+def test_missing_shard_file_fails_the_shard(tmp_path):
+    spec = ShardSpec(str(tmp_path / "gone.tar"), "tar", (str(tmp_path / "gone.tar"),))
+    with pytest.raises(ShardReadError, match="gone.tar: not found"):
+        list(iter_members(spec))
