@@ -37,6 +37,8 @@ def store_calibration(checkpoint_url: str, images: torch.Tensor, source: str, iw
     when fitting fails. Returns the ``calibration`` record."""
     if len(images) < MIN_IMAGES:
         raise ConfigError(f"calibration needs at least {MIN_IMAGES} held-out images, got {len(images)} from {source}")
+    if isinstance(iwae_k, bool) or not isinstance(iwae_k, int) or iwae_k < 1:
+        raise ConfigError(f"--iwae-k {iwae_k!r}: the iwae score's quantiles need an integer k >= 1")
     ckpt = ckpt or load_checkpoint(checkpoint_url, storage_options, map_location=device, verify_calibration=False)
     try:
         reference, tables = fit_reference(ckpt.model, images, ScoreOptions(score="elbo", iwae_k=iwae_k, seed=seed),

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import click
 
+from vae_model.device import PRECISIONS
 from vae_model.errors import VaePipeError, worker_failure
 from vae_model.runtime import skip_exit_gc
 from vae_model.storage import parse_storage_options
@@ -155,7 +156,8 @@ def shards(source: str, out_url: str, fmt: str, shard_size: int, limit: int | No
 @click.option("--patience", default=5, show_default=True, help="Early stopping: epochs without validation improvement.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--num-workers", default=1, show_default=True, help="DataLoader processes streaming shards.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="auto: bf16 autocast on CUDA and on CPUs with fast bf16 (AMX/AVX512-BF16), else fp32.")
 @click.option("--resume", is_flag=True, help="Continue from OUT.resume.pt exactly where it stopped.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @storage_option
@@ -201,7 +203,8 @@ def train(data_url: str, out: str, val_url: str | None, val_fraction: float, epo
 @click.argument("checkpoint_url")
 @click.argument("data_url")
 @click.option("--limit", type=int, default=10000, show_default=True, help="Use at most this many images.")
-@click.option("--iwae-k", default=16, show_default=True, help="Importance samples for the iwae score's quantiles.")
+@click.option("--iwae-k", type=click.IntRange(1, 10000), default=16, show_default=True,
+              help="Importance samples for the iwae score's quantiles.")
 @click.option("--seed", default=0, show_default=True)
 @storage_option
 @handle_errors

@@ -75,12 +75,9 @@ def generate_interpolations(checkpoint_url: str, out_url: str, n: int = 8, steps
         for i in range(0, len(x) - 1, 2):
             rows.append(model.interpolate(x[i], x[i + 1], steps))
     else:
-        g = torch.Generator().manual_seed(seed)
-        t = torch.linspace(0, 1, steps).unsqueeze(1)
-        with torch.no_grad():
-            for _ in range(n):
-                a, b = torch.randn((2, model.cfg.latent_dim), generator=g)
-                z = ((1 - t) * a + t * b).to(_device(model))
-                rows.append(model.decode(z).mean_image().round().clamp(0, 255).to(torch.uint8))
+        g = torch.Generator().manual_seed(seed)  # on the CPU: the same rows whatever the device
+        for _ in range(n):
+            a, b = torch.randn((2, model.cfg.latent_dim), generator=g).to(_device(model))
+            rows.append(model.interpolate_latents(a, b, steps))
     save_grid(torch.cat(rows), out_url, nrow=steps, storage_options=storage_options)
     return sum(len(r) for r in rows)

@@ -92,6 +92,8 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, "
                               f"not {self.precision!r}")
+        if self.quantile_iwae_k < 1:
+            raise ConfigError(f"quantile_iwae_k={self.quantile_iwae_k}: must be >= 1")
         if min(self.val_limit, self.quantile_images) < MIN_IMAGES:
             raise ConfigError(f"val_limit={self.val_limit} and quantile_images={self.quantile_images} must be "
                               f">= {MIN_IMAGES}: calibration needs that many validation images")

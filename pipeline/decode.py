@@ -8,8 +8,9 @@ One policy, shared by training and the Beam pipeline so the two can never disagr
    before any pixel is decoded: a tiny file can declare a huge canvas. A JPEG much larger than
    the target is decoded at a reduced scale (``Image.draft``: a power-of-two DCT scaling that
    keeps the short side at least four times ``size``), so the final resize still does most of the
-   filtering (rows move by well under one grey level on average; BENCHMARKS.md has the figures). Any failure, including ``Image.DecompressionBombError``
-   (images over twice ``Image.MAX_IMAGE_PIXELS``), raises :class:`ImageDecodeError` with a one-line
+   filtering (rows move by well under one grey level on average; BENCHMARKS.md has the figures).
+   Any failure, including ``Image.DecompressionBombError`` (images over twice
+   ``Image.MAX_IMAGE_PIXELS``), raises :class:`ImageDecodeError` with a one-line
    message that carries Pillow's reason. Truncated images are never padded
    (``ImageFile.LOAD_TRUNCATED_IMAGES`` is left alone).
 2. **EXIF orientation** is applied (``ImageOps.exif_transpose``), as a viewer would show the photo.

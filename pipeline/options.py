@@ -32,12 +32,6 @@ _INT_RANGES = (("batch_size", 1, 65536), ("iwae_k", 1, 10000), ("torch_threads",
                ("max_pixels", 1, 2 ** 40), ("max_member_bytes", 1, 2 ** 40), ("max_sidecar_bytes", 0, 2 ** 40))
 
 
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 @dataclass
 class EmbedOptions:
     """Everything a worker needs to embed shards (picklable: shipped to Beam workers)."""
@@ -79,8 +73,10 @@ class EmbedOptions:
             raise ConfigError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
         if self.mode not in MODES:
             raise ConfigError(f"--mode {self.mode}: choose one of {', '.join(MODES)}")
-        if self.device == "cuda" and not _cuda_available():
-            raise ConfigError("--device cuda: no CUDA device is available here; use --device auto or cpu")
+        if self.device == "cuda":
+            from vae_model.device import pick_device  # imports torch: only when a GPU is asked for
+
+            pick_device("cuda")  # ConfigError when no CUDA device is available here
         if self.run_date is not None:
             try:
                 dt.date.fromisoformat(self.run_date)

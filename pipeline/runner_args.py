@@ -17,6 +17,7 @@ import os
 
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
+from vae_model.device import expected_device_type
 from vae_model.errors import ConfigError
 
 MAX_LOCAL_WORKERS = 8  # each CPU worker process holds a model and its buffers (~0.7 GB RSS here)
@@ -99,7 +100,7 @@ def local_parallelism_args(beam_args: list[str], n_shards: int, device: str = "a
         return []
     if not _is_direct(runner_name(beam_args)):
         return []
-    if device == "cuda" or (device == "auto" and gpu_present()):
+    if expected_device_type(device, gpu_present()) == "cuda":
         return []
     workers = min(cores(), n_shards, MAX_LOCAL_WORKERS)
     if workers < 2:

@@ -181,10 +181,16 @@ class VAE(nn.Module):
     def interpolate(self, a: torch.Tensor, b: torch.Tensor, steps: int = 8) -> torch.Tensor:
         """Images along the line between the posterior means of ``a`` and ``b`` (each (C, H, W)
         uint8): uint8 (steps, C, H, W), endpoints included."""
+        q = self.encode(self.prepare(torch.stack([a, b]))[0])
+        return self.interpolate_latents(q.mean[0], q.mean[1], steps)
+
+    @torch.no_grad()
+    def interpolate_latents(self, za: torch.Tensor, zb: torch.Tensor, steps: int = 8) -> torch.Tensor:
+        """Decoded pixel means along the line from latent ``za`` to ``zb`` (each (D,)): uint8
+        (steps, C, H, W), endpoints included."""
         if steps < 2:
             raise ValueError("steps must be >= 2")
-        q = self.encode(self.prepare(torch.stack([a, b]))[0])
-        t = torch.linspace(0, 1, steps, device=q.mean.device).unsqueeze(1)
-        z = (1 - t) * q.mean[0] + t * q.mean[1]
+        t = torch.linspace(0, 1, steps, device=za.device).unsqueeze(1)  # (steps, 1)
+        z = (1 - t) * za + t * zb  # (steps, D)
         return self.decode(z).mean_image().round().clamp(0, 255).to(torch.uint8)
 

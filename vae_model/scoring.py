@@ -17,7 +17,6 @@ depends on the image alone: not on batch size, worker, runner or where the shard
 from __future__ import annotations
 
 import io
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +25,7 @@ from PIL import Image
 
 from .checkpoint_header import calibration_id  # noqa: F401  (the one definition, re-exported for scoring's users)
 from .config import SCORES
+from .device import autocast
 from .losses import LN2
 from .model import VAE
 from .noise import iwae_noise_for_keys, noise_for_keys, pixel_ids
@@ -92,12 +92,6 @@ def for_scoring(model: VAE, device: torch.device | str = "cpu", precision: str =
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     return model.to(device, memory_format=torch.channels_last).eval()
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
 
 
 @torch.no_grad()
