@@ -353,15 +353,24 @@ def _dask_env(root: Path) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="session")
-def dask_cluster():
-    """A real Dask cluster (1 scheduler + 2 single-threaded worker processes); yields its address."""
+@dataclasses.dataclass
+class DaskCluster:
+    """A running Dask cluster: its address and the worker (nanny) processes a test may kill."""
+
+    address: str
+    nannies: list[subprocess.Popen]
+    logs: list[Path]
+
+
+@contextlib.contextmanager
+def _dask_cluster(prefix: str, worker_name: str):
+    """1 scheduler + N_DASK_WORKERS nanny-managed single-threaded workers on loopback."""
     try:
         import distributed
     except ImportError:
         _unavailable("dask.distributed is not installed (pip install 'vaepipe[dask]')")
 
-    root = Path(tempfile.mkdtemp(prefix="vaepipe-dask-"))
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     env = _dask_env(root)
     dask_cli = [sys.executable, "-m", "dask"]
     procs: list[subprocess.Popen] = []
@@ -389,26 +398,34 @@ def dask_cluster():
             _stop(sched)
         if address is None:
             failure("dask scheduler did not start")
-
+        nannies = []
         for i in range(N_DASK_WORKERS):
             wdir = root / f"worker-{i}"
             wdir.mkdir()
             log = root / f"worker-{i}.log"
             logs.append(log)
-            procs.append(_spawn([*dask_cli, "worker", address, "--name", f"vaepipe-w{i}",
-                                 "--nworkers", "1", "--nthreads", "1", "--host", "127.0.0.1",
-                                 "--no-dashboard", "--local-directory", str(wdir),
-                                 "--death-timeout", "60"], log, env, root))
+            nannies.append(_spawn([*dask_cli, "worker", address, "--name", f"{worker_name}{i}",
+                                   "--nworkers", "1", "--nthreads", "1", "--nanny", "--host", "127.0.0.1",
+                                   "--no-dashboard", "--local-directory", str(wdir),
+                                   "--death-timeout", "60"], log, env, root))
+        procs.extend(nannies)
         try:
             with distributed.Client(address, timeout="30s") as client:
                 client.wait_for_workers(N_DASK_WORKERS, timeout=DASK_START_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001
             failure(f"dask workers did not register with {address}: {exc!r}")
-        yield address
+        yield DaskCluster(address=address, nannies=nannies, logs=logs)
     finally:
-        for proc in reversed(procs):  # workers first, scheduler last
+        for proc in reversed(procs):  # nannies (and their workers) first, scheduler last
             _stop(proc)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def dask_cluster():
+    """A real Dask cluster (1 scheduler + 2 single-threaded worker processes); yields its address."""
+    with _dask_cluster("vaepipe-dask-", "vaepipe-w") as cluster:
+        yield cluster.address
 
 
 # Tiny real data and a tiny trained model, shared by the job and pipeline tests.
@@ -509,69 +526,8 @@ def fault_proxy(s3_server):
         proxy.close()
 
 
-@dataclasses.dataclass
-class PrivateDask:
-    """A private Dask cluster whose worker processes a test may kill (their nannies restart them)."""
-
-    address: str
-    nannies: list[subprocess.Popen]
-    logs: list[Path]
-
-
 @pytest.fixture
 def private_dask_cluster():
-    """1 scheduler + 2 nanny-managed single-threaded workers, for this test alone; yields ``PrivateDask``."""
-    try:
-        import distributed
-    except ImportError:
-        _unavailable("dask.distributed is not installed (pip install 'vaepipe[dask]')")
-
-    root = Path(tempfile.mkdtemp(prefix="vaepipe-dask-private-"))
-    env = _dask_env(root)
-    dask_cli = [sys.executable, "-m", "dask"]
-    procs: list[subprocess.Popen] = []
-    logs: list[Path] = []
-
-    def failure(msg: str) -> None:
-        detail = "\n".join(f"--- last lines of {p.name} ---\n{_tail(p)}" for p in logs)
-        pytest.fail(f"{msg}\n{detail}", pytrace=False)
-
-    try:
-        address = None
-        for _attempt in range(3):
-            port = free_port()
-            log = root / f"scheduler-{port}.log"
-            logs.append(log)
-            sched = _spawn([*dask_cli, "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                            "--no-dashboard"], log, env, root)
-            deadline = time.monotonic() + DASK_START_TIMEOUT_S
-            while time.monotonic() < deadline and sched.poll() is None and not _port_open("127.0.0.1", port):
-                time.sleep(0.1)
-            if sched.poll() is None and _port_open("127.0.0.1", port):
-                procs.append(sched)
-                address = f"tcp://127.0.0.1:{port}"
-                break
-            _stop(sched)
-        if address is None:
-            failure("dask scheduler did not start")
-        nannies = []
-        for i in range(N_DASK_WORKERS):
-            wdir = root / f"worker-{i}"
-            wdir.mkdir()
-            log = root / f"worker-{i}.log"
-            logs.append(log)
-            nannies.append(_spawn([*dask_cli, "worker", address, "--name", f"vaepipe-private-w{i}",
-                                   "--nworkers", "1", "--nthreads", "1", "--nanny", "--host", "127.0.0.1",
-                                   "--no-dashboard", "--local-directory", str(wdir),
-                                   "--death-timeout", "60"], log, env, root))
-        procs.extend(nannies)
-        try:
-            with distributed.Client(address, timeout="30s") as client:
-                client.wait_for_workers(N_DASK_WORKERS, timeout=DASK_START_TIMEOUT_S)
-        except Exception as exc:  # noqa: BLE001
-            failure(f"dask workers did not register with {address}: {exc!r}")
-        yield PrivateDask(address=address, nannies=nannies, logs=logs)
-    finally:
-        for proc in reversed(procs):  # nannies (and their workers) first, scheduler last
-            _stop(proc)
-        shutil.rmtree(root, ignore_errors=True)
+    """1 scheduler + 2 nanny-managed single-threaded workers, for this test alone; yields ``DaskCluster``."""
+    with _dask_cluster("vaepipe-dask-private-", "vaepipe-private-w") as cluster:
+        yield cluster

@@ -79,17 +79,9 @@ def members(url: str, **kwargs) -> list[Member]:
 
 def gnu_tar(entries, encoding="utf-8") -> bytes:
     """entries: (name, bytes) regular files or (name, tarfile type, linkname)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT, encoding=encoding) as tf:
-        for entry in entries:
-            info = tarfile.TarInfo(entry[0])
-            if len(entry) == 2:
-                info.size = len(entry[1])
-                tf.addfile(info, io.BytesIO(entry[1]))
-            else:
-                info.type, info.linkname = entry[1], entry[2]
-                tf.addfile(info)
-    return buf.getvalue()
+    from adversarial import tar_bytes as entries_tar  # the generator's writer, GNU format
+
+    return entries_tar(entries, encoding=encoding)
 
 
 def tar_members(path, **kwargs) -> list[Member]:
