@@ -149,7 +149,12 @@ class Lease:
                     f.flush()
                     os.fsync(f.fileno())
             else:
-                fs.pipe_file(path, data, mode="create")
+                try:
+                    fs.pipe_file(path, data, mode="create")
+                except TypeError:  # a backend without exclusive create: check, then write (a small race)
+                    if fs.exists(path):
+                        return False
+                    fs.pipe_file(path, data)
             return True
         except FileExistsError:
             return False
