@@ -93,6 +93,13 @@ def _column(value: Any, typ: pa.DataType, n: int) -> pa.Array:
     return pa.array(value, typ)
 
 
+def dead_letter(key: str | None, shard: str | None, index: int | None, stage: str, etype: str, message: str,
+                model_id: str, run_date: dt.date | None) -> dict:
+    """One dead letter (pipeline.schema.ERROR_COLUMNS): shards and :mod:`pipeline.handler` both build them here."""
+    return {"key": key, "shard": shard, "index": index, "stage": stage, "error_type": etype,
+            "message": printable(message[:2000]), "model_id": model_id, "run_date": run_date}
+
+
 class ShardEmbedder:
     """Loads the model once; :meth:`process` embeds one shard end to end."""
 
@@ -177,17 +184,22 @@ class ShardEmbedder:
             yield batch
 
     def _error(self, key: str, spec: ShardSpec, index: int, stage: str, etype: str, message: str) -> dict:
-        return {"key": key, "shard": escape_key(spec.name), "index": index, "stage": stage, "error_type": etype,
-                "message": printable(message[:2000]), "model_id": self.ckpt.model_id, "run_date": self.run_date}
+        return dead_letter(key, escape_key(spec.name), index, stage, etype, message, self.ckpt.model_id, self.run_date)
 
     def _record_batch(self, spec: ShardSpec, batch: list[BatchItem], s: dict[str, np.ndarray]) -> pa.RecordBatch:
+        return self.record_batch(batch, [escape_key(spec.name)] * len(batch), s)
+
+    def record_batch(self, batch: list[BatchItem], shards: list[str | None], s: dict[str, np.ndarray]
+                     ) -> pa.RecordBatch:
         """The rows of scored images: every column of ``self.schema`` (pipeline.schema.ROW_COLUMNS)
-        in order, from the item, the run, or the score of the same name (null when not computed)."""
+        in order, from the item, its shard (the escaped shard name; one per item), the run, or the
+        score of the same name (null when not computed). The one row builder: shards and
+        :mod:`pipeline.handler` (Beam's RunInference, ScoreImages) both call it."""
         n, score = len(batch), s["anomaly_score"]
         values = {**s,
                   "key": [b.key for b in batch], "index": [b.index for b in batch], "label": [b.label for b in batch],
                   "meta": [json.dumps(b.meta) if b.meta is not None else None for b in batch],
-                  "shard": [escape_key(spec.name)] * n, "model_id": [self.ckpt.model_id] * n,
+                  "shard": shards, "model_id": [self.ckpt.model_id] * n,
                   "run_date": [self.run_date] * n,
                   "anomaly_percentile": percentile_of(score, self.table) if self.table else None,
                   "is_anomaly": score > self.threshold if self.threshold is not None else None}
@@ -230,7 +242,13 @@ class ShardEmbedder:
         return {"shard": spec.name, "output": self.rows_url(spec), **counts, "skipped": False,
                 "started_at": started, "seconds": round(secs, 4), "pid": os.getpid()}
 
+    def score_rows(self, batch: list[BatchItem], shards: list[str | None]) -> pa.RecordBatch:
+        """Score decoded images and build their rows (:meth:`record_batch`): one call per batch, so
+        that a model shared across processes (a proxy, :mod:`pipeline.handler`) costs one round trip."""
+        return self.record_batch(batch, shards, self._score(np.stack([b.pixels for b in batch])))
+
     def _score(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """The scores of uint8 images (B, C, H, W) (:func:`vae_model.scoring.score_batch`)."""
         return score_batch(self.ckpt.model, pixels, None, self.score_opts, self.device)
 
     def _scored(self, spec: ShardSpec, batch: list[BatchItem], errors: list[dict]
