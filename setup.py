@@ -28,6 +28,7 @@ setup(
         "tqdm>=4.66",
         "numpy>=1.24",
         "zstandard>=0.22",
+        "matplotlib>=3.7",  # the run report's figures (pipeline.report_figures, Agg backend)
     ],
     extras_require={
         "s3": ["s3fs>=2023.6"],

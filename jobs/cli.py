@@ -344,6 +344,11 @@ def embed(ctx: click.Context, data_url: str, storage_options: str | None, **valu
     click.echo(f"{t['shards']} shards ({t['shards_skipped']} skipped), {t['images_seen']} images: "
                f"{t['rows']} rows, {t['errors']} dead letters, {manifest['images_per_s']} img/s "
                f"-> {manifest['partition_url']}", err=True)
+    if opts.report:
+        from pipeline.report import written_report
+
+        click.echo(f"report: {written_report(manifest['partition_url'], opts.storage_options) or 'not written'}",
+                   err=True)
     click.echo(json.dumps({k: manifest[k] for k in ("partition_url", "model_id", "totals", "reconciled",
                                                     "seconds", "images_per_s", "runner")}))
 
@@ -363,6 +368,34 @@ def info(checkpoint_url: str, storage_options: str | None) -> None:
 
     ckpt = load_checkpoint(checkpoint_url, _so(storage_options))
     click.echo(json.dumps({"model_id": ckpt.model_id, "config": ckpt.config.to_dict(), "meta": ckpt.meta}, indent=2))
+
+
+@cli.command()
+@click.argument("partition_url")
+@click.option("--out", "out_url", default=None, help="HTML file URL to write (default: PARTITION_URL/_report.html).")
+@click.option("--top", type=click.IntRange(0, 4096), default=64, show_default=True,
+              help="Thumbnails of the highest anomaly scores.")
+@click.option("--compare", "compare_url", default=None, metavar="PREVIOUS_PARTITION_URL",
+              help="Draw the figures against this earlier partition (e.g. the previous night).")
+@storage_option
+@handle_errors
+def report(partition_url: str, out_url: str | None, top: int, compare_url: str | None,
+           storage_options: str | None) -> None:
+    """Write one self-contained HTML report of a finished partition and print its URL.
+
+    Headline counts, flagged rate vs expected, score and percentile histograms against the
+    checkpoint's validation images, per-shard throughput, dead letters, the drift section, and
+    thumbnails of the top anomalies read back from the shards. `vaepipe embed` writes it too
+    (unless --no-report).
+
+    \b
+    Example:
+      vaepipe report s3://bucket/latents/dt=2026-11-28 --compare s3://bucket/latents/dt=2026-11-27
+    """
+    from pipeline.report import write_report
+
+    click.echo(write_report(partition_url, out_url, top=top, compare_url=compare_url,
+                            storage_options=_so(storage_options)))
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from pipeline.options import (EMBED_FLAGS, REQUIRED_FLAGS, EmbedOptions, check_s
                               options_dict, output_key, output_name)
 from pipeline.partition import plan_partition
 from pipeline.progress import Progress, ProgressWatcher
+from pipeline.report import write_report_or_warn
 from pipeline.runner_args import (check_beam_flags, dask_args, gpu_present, local_parallelism_args, runner_name,
                                   threads_per_worker)
 from pipeline.shards import expand_shards
@@ -36,7 +37,8 @@ from vae_model.storage import parse_storage_options
 
 log = logging.getLogger(__name__)
 
-OWN_FLAGS = tuple(f.flag for f in EMBED_FLAGS) + ("--no-skip-existing", "--storage-options")
+OWN_FLAGS = (tuple(f.flag for f in EMBED_FLAGS) + ("--storage-options",)
+             + tuple(f"--no-{f.flag[2:]}" for f in EMBED_FLAGS if isinstance(flag_default(f.field), bool)))
 
 
 def _driver_precision(opts: EmbedOptions) -> str:
@@ -103,7 +105,10 @@ def run_embed(data_url: str, opts: EmbedOptions, beam_args: list[str] | None = N
         if lease.lost:
             raise RunAbandonedError(f"{opts.partition_url}: another run took the output lease during this run; "
                                     "its outputs are not complete: rerun")
-        return read_manifest(opts.partition_url, so)
+        manifest = read_manifest(opts.partition_url, so)
+        if opts.report:  # read from the manifest just written; a failure only logs a warning
+            write_report_or_warn(opts.partition_url, so)
+        return manifest
 
 
 def _log_progress(progress: Progress) -> None:

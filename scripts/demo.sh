@@ -4,10 +4,12 @@
 #   2. train a small VAE on Fashion-MNIST briefly
 #   3. vaepipe embed on the DirectRunner (both cores) over Fashion-MNIST + MNIST shards
 #   4. print the output location, the row count and the top anomalies (DuckDB over the Parquet)
+#   5. write the run report (one HTML file beside the partition) and print its path
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${DEMO_OUT:-demo_out}
 EPOCHS=${DEMO_EPOCHS:-8}
+RUN_DATE=$(date +%F)
 rm -rf "$OUT"
 mkdir -p "$OUT"
 export PYTHONWARNINGS=ignore
@@ -25,7 +27,7 @@ vaepipe generate "$OUT/model/vae.safetensors" --out "$OUT/model/samples.png" --n
 
 echo "== 3/4 embed (DirectRunner, 2 worker processes, score = typicality: (ELBO, complexity) KDE + latent kNN density)"
 vaepipe embed "$OUT/score/**/*.tar" --checkpoint "$OUT/model/vae.safetensors" --out "$OUT/latents" \
-  --score typicality --run-date "$(date +%F)" \
+  --score typicality --run-date "$RUN_DATE" --no-report \
   --direct_num_workers=2 --direct_running_mode=multi_processing 2>&1 \
   | grep -vE "apache_beam|sdk harness|^WARNING:root" || true
 
@@ -51,3 +53,6 @@ auroc = duckdb.sql(f"""
   from s a join s b on a.mnist and not b.mnist""").fetchall()[0][0]
 print(f"AUROC MNIST vs Fashion-MNIST (P[an MNIST digit scores above a Fashion image]): {auroc:.3f}")
 PY
+
+echo "== 5/5 report (embed writes it by default; the demo writes it last, so that its path ends the output)"
+vaepipe report "$OUT/latents/dt=$RUN_DATE"

@@ -1,0 +1,156 @@
+"""What a run report shows, read back from a finished partition: manifest, rows, dead letters,
+the checkpoint's validation quantiles, and the headline numbers computed from them.
+
+Torch-free (the Beam driver writes the report): the checkpoint is read with
+:func:`vae_model.checkpoint_header.inspect_checkpoint`. Only the columns the report needs are
+read from the rows files, so the embeddings never leave storage.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.manifest import read_manifest
+from pipeline.partition import data_files
+from vae_model.storage import StorageOptions, get_fs, join
+
+log = logging.getLogger(__name__)
+
+ROW_FIELDS = ("key", "shard", "index", "label", "anomaly_score", "anomaly_percentile", "is_anomaly")
+ERROR_FIELDS = ("key", "shard", "index", "stage", "error_type", "message")
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+@dataclass
+class RunData:
+    """One partition as the report sees it."""
+
+    partition_url: str
+    manifest: dict[str, Any]
+    rows: pa.Table  # ROW_FIELDS
+    errors: pa.Table  # ERROR_FIELDS
+    validation: dict[str, float] | None = None  # the checkpoint's quantile table of the run's score
+    image_shape: tuple[int, int] = (3, 64)  # (channels, size) the model scored at: thumbnails use it
+    notes: list[str] = field(default_factory=list)  # what could not be shown, and why
+
+    @property
+    def score(self) -> str:
+        return self.manifest.get("options", {}).get("score", "?")
+
+    @property
+    def threshold_quantile(self) -> float | None:
+        return self.manifest.get("options", {}).get("threshold_quantile")
+
+
+def load_run(partition_url: str, storage_options: StorageOptions = None) -> RunData:
+    """Read a finished partition (``_manifest.json`` must exist) for the report."""
+    manifest = read_manifest(partition_url, storage_options)
+    files = manifest.get("files") or data_files(partition_url, storage_options)
+    rows = _read_tables([join(partition_url, f) for f in files], ROW_FIELDS, storage_options)
+    errors_url = manifest.get("errors_url")
+    error_files = data_files(errors_url, storage_options) if errors_url else []
+    errors = _read_tables([join(errors_url, f) for f in error_files], ERROR_FIELDS, storage_options)
+    run = RunData(partition_url, manifest, rows, errors)
+    _add_checkpoint(run, storage_options)
+    return run
+
+
+def _read_tables(urls: list[str], columns: tuple[str, ...], storage_options: StorageOptions) -> pa.Table:
+    tables = []
+    for url in urls:
+        fs, path = get_fs(url, storage_options)
+        with fs.open(path, "rb") as f:
+            have = pq.ParquetFile(f).schema_arrow.names
+            f.seek(0)
+            t = pq.read_table(f, columns=[c for c in columns if c in have])
+        for c in columns:  # a column the writer left out (older outputs): nulls
+            if c not in t.column_names:
+                t = t.append_column(c, pa.nulls(len(t)))
+        tables.append(t.select(list(columns)))
+    if not tables:
+        return pa.table({c: pa.array([], pa.string()) for c in columns})
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _add_checkpoint(run: RunData, storage_options: StorageOptions) -> None:
+    """The validation quantiles of the run's score, from the checkpoint the manifest names."""
+    from vae_model.checkpoint_header import inspect_checkpoint
+
+    url = run.manifest.get("checkpoint")
+    if not url:
+        run.notes.append("the manifest names no checkpoint: no validation distribution")
+        return
+    try:
+        ckpt = inspect_checkpoint(url, storage_options)
+    except Exception as exc:  # moved, deleted, unreadable: the report still shows the night
+        run.notes.append(f"checkpoint {url} not readable ({type(exc).__name__}: {exc}): no validation distribution")
+        return
+    run.image_shape = (ckpt.config.channels, ckpt.config.image_size)
+    if ckpt.calibration_id and ckpt.calibration_id != run.manifest.get("calibration"):
+        run.notes.append(f"checkpoint {url} was recalibrated since this run (calibration "
+                         f"{ckpt.calibration_id}, the run used {run.manifest.get('calibration')}): "
+                         "validation distribution not shown")
+        return
+    run.validation = ckpt.score_quantiles.get(run.score)
+    if run.validation is None:
+        run.notes.append(f"checkpoint {url} stores no validation quantiles for score {run.score}")
+
+
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial rate k/n (sensible at k = 0 and small n)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def headline(run: RunData) -> dict[str, Any]:
+    """The numbers at the top of the report."""
+    m, totals = run.manifest, run.manifest.get("totals", {})
+    flags = run.rows.column("is_anomaly")
+    n = len(flags) - flags.null_count  # rows with a threshold (a checkpoint without quantiles has none)
+    k = int(pc.sum(flags.cast(pa.int64())).as_py() or 0)
+    q = run.threshold_quantile
+    expected = 1.0 - q if q is not None else None
+    lo, hi = wilson_interval(k, n)
+    verdict = None
+    if expected is not None and n:
+        verdict = "above expected" if lo > expected else "below expected" if hi < expected else "as expected"
+    return {
+        "images_in": totals.get("images_seen"), "rows": totals.get("rows", len(run.rows)),
+        "dead_letters": totals.get("errors", len(run.errors)), "flagged": k, "scored": n,
+        "flagged_rate": k / n if n else None, "expected_rate": expected, "rate_ci": (lo, hi),
+        "rate_verdict": verdict, "score": run.score, "model_id": m.get("model_id"),
+        "calibration": m.get("calibration"), "run_date": m.get("run_date") or (m.get("started_at") or "")[:10],
+        "runner": m.get("runner"), "seconds": m.get("seconds"), "images_per_s": m.get("images_per_s"),
+        "reconciled": m.get("reconciled"), "shards": totals.get("shards"),
+        "worker_processes": m.get("worker_processes"), "started_at": m.get("started_at"),
+    }
+
+
+def validation_density(table: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+    """The validation score density implied by a stored quantile table: ``(edges, density)``.
+
+    The table's CDF is piecewise linear through (min, 0), its quantiles and (max, 1) (the
+    interpolation :func:`vae_model.calibration.percentile_of` scores with), so the density is
+    piecewise constant: the quantile step over the score step between neighbouring points."""
+    pts = sorted((float(k), float(v)) for k, v in table.items() if k not in ("min", "max", "n"))
+    qs = np.asarray([0.0] + [q for q, _ in pts] + [1.0])
+    vs = np.asarray([table.get("min", pts[0][1])] + [v for _, v in pts] + [table.get("max", pts[-1][1])])
+    vs = np.maximum.accumulate(vs)
+    widths = np.diff(vs)  # tied values (a point mass) give a zero-width step
+    return vs, np.divide(np.diff(qs), widths, out=np.zeros_like(widths), where=widths > 0)
+
+
+def column(table: pa.Table, name: str) -> np.ndarray:
+    """A numeric column as float64 with NaN for nulls."""
+    return np.asarray(table.column(name).to_numpy(zero_copy_only=False), dtype=np.float64)
