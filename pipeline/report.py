@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
-from pipeline.report_data import RunData, headline, load_run
+from pipeline.report_data import RunData, headline, load_run, row_details
 from vae_model.storage import StorageOptions, atomic_write_bytes, exists, join
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def build_report(partition_url: str, top: int = DEFAULT_TOP, compare_url: str | 
 
 
 def _row_dicts(run: RunData, indices: np.ndarray) -> list[dict[str, Any]]:
-    return run.rows.take(indices).to_pylist() if len(indices) else []
+    return row_details(run, indices)
 
 
 def _top_rows(run: RunData, n: int) -> list[dict[str, Any]]:

@@ -23,7 +23,10 @@ from vae_model.storage import StorageOptions, get_fs, join
 
 log = logging.getLogger(__name__)
 
-ROW_FIELDS = ("key", "shard", "index", "label", "anomaly_score", "anomaly_percentile", "is_anomaly")
+# Read for every row; the key and label only for the rows shown (:func:`row_details`): a night of
+# millions of rows costs its numbers and a dictionary of shard names, not its keys.
+ROW_FIELDS = ("shard", "index", "anomaly_score", "anomaly_percentile", "is_anomaly")
+DETAIL_FIELDS = ("key", "label")
 ERROR_FIELDS = ("key", "shard", "index", "stage", "error_type", "message")
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
@@ -34,11 +37,13 @@ class RunData:
 
     partition_url: str
     manifest: dict[str, Any]
-    rows: pa.Table  # ROW_FIELDS
+    rows: pa.Table  # ROW_FIELDS, then _file and _row: where the row is (row_details reads its key there)
     errors: pa.Table  # ERROR_FIELDS
+    files: list[str] = field(default_factory=list)  # the rows files' URLs
     validation: dict[str, float] | None = None  # the checkpoint's quantile table of the run's score
     image_shape: tuple[int, int] = (3, 64)  # (channels, size) the model scored at: thumbnails use it
     notes: list[str] = field(default_factory=list)  # what could not be shown, and why
+    storage_options: StorageOptions = None
 
     @property
     def score(self) -> str:
@@ -53,30 +58,59 @@ def load_run(partition_url: str, storage_options: StorageOptions = None) -> RunD
     """Read a finished partition (``_manifest.json`` must exist) for the report."""
     manifest = read_manifest(partition_url, storage_options)
     files = manifest.get("files") or data_files(partition_url, storage_options)
-    rows = _read_tables([join(partition_url, f) for f in files], ROW_FIELDS, storage_options)
+    urls = [join(partition_url, f) for f in files]
+    rows = _read_tables(urls, ROW_FIELDS, storage_options, locate=True)
     errors_url = manifest.get("errors_url")
     error_files = data_files(errors_url, storage_options) if errors_url else []
     errors = _read_tables([join(errors_url, f) for f in error_files], ERROR_FIELDS, storage_options)
-    run = RunData(partition_url, manifest, rows, errors)
+    run = RunData(partition_url, manifest, rows, errors, files=urls, storage_options=storage_options)
     _add_checkpoint(run, storage_options)
     return run
 
 
-def _read_tables(urls: list[str], columns: tuple[str, ...], storage_options: StorageOptions) -> pa.Table:
+def _read_tables(urls: list[str], columns: tuple[str, ...], storage_options: StorageOptions,
+                 locate: bool = False) -> pa.Table:
+    """``columns`` of every file (nulls where a file lacks one); ``locate``: add ``_file`` (index
+    into ``urls``) and ``_row`` (row within it)."""
     tables = []
-    for url in urls:
-        fs, path = get_fs(url, storage_options)
-        with fs.open(path, "rb") as f:
-            have = pq.ParquetFile(f).schema_arrow.names
-            f.seek(0)
-            t = pq.read_table(f, columns=[c for c in columns if c in have])
-        for c in columns:  # a column the writer left out (older outputs): nulls
-            if c not in t.column_names:
-                t = t.append_column(c, pa.nulls(len(t)))
-        tables.append(t.select(list(columns)))
+    for i, url in enumerate(urls):
+        t = _read_file(url, columns, storage_options)
+        if locate:
+            t = t.append_column("_file", pa.array(np.full(len(t), i, np.int32)))
+            t = t.append_column("_row", pa.array(np.arange(len(t), dtype=np.int64)))
+        tables.append(t)
     if not tables:
-        return pa.table({c: pa.array([], pa.string()) for c in columns})
+        names = list(columns) + (["_file", "_row"] if locate else [])
+        return pa.table({c: pa.array([], pa.string()) for c in names})
     return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _read_file(url: str, columns: tuple[str, ...], storage_options: StorageOptions) -> pa.Table:
+    fs, path = get_fs(url, storage_options)
+    with fs.open(path, "rb") as f:
+        have = pq.ParquetFile(f).schema_arrow.names
+        f.seek(0)
+        t = pq.read_table(f, columns=[c for c in columns if c in have],
+                          read_dictionary=[c for c in ("shard", "error_type", "stage") if c in have])
+    for c in columns:  # a column the writer left out (older outputs): nulls
+        if c not in t.column_names:
+            t = t.append_column(c, pa.nulls(len(t)))
+    return t.select(list(columns))
+
+
+def row_details(run: RunData, indices: np.ndarray) -> list[dict[str, Any]]:
+    """The rows at ``indices`` of ``run.rows`` as dicts, with their key and label read back."""
+    if not len(indices):
+        return []
+    picked = run.rows.take(pa.array(indices)).to_pylist()
+    by_file: dict[int, list[dict[str, Any]]] = {}
+    for r in picked:
+        by_file.setdefault(r["_file"], []).append(r)
+    for i, rs in by_file.items():
+        details = _read_file(run.files[i], DETAIL_FIELDS, run.storage_options)
+        for r, d in zip(rs, details.take(pa.array([r["_row"] for r in rs])).to_pylist()):
+            r.update(d)
+    return picked
 
 
 def _add_checkpoint(run: RunData, storage_options: StorageOptions) -> None:
