@@ -353,6 +353,57 @@ def embed(ctx: click.Context, data_url: str, storage_options: str | None, **valu
                                                     "seconds", "images_per_s", "runner")}))
 
 
+@cli.command("index")
+@click.argument("latents_url")
+@click.option("--out", "index_url", required=True, help="Index folder URL (index.json and its files are written there).")
+@click.option("--metric", type=click.Choice(["cosine", "l2"]), default=None,
+              help="Distance (default cosine; an existing index keeps its own).")
+@click.option("--kind", type=click.Choice(["flat", "hnsw"]), default=None,
+              help="flat: exact scan; hnsw: approximate graph, for millions of rows (default hnsw).")
+@click.option("--run-date", default=None, metavar="YYYY-MM-DD", help="Add only the partition dt=YYYY-MM-DD.")
+@storage_option
+@handle_errors
+def index_cmd(latents_url: str, index_url: str, metric: str | None, kind: str | None, run_date: str | None,
+              storage_options: str | None) -> None:
+    """Build a vector index of the embeddings under LATENTS_URL (vaepipe embed's --out), or add
+    the partitions it does not hold yet; keys are never added twice, another model is refused.
+
+    \b
+    Example:
+      vaepipe index s3://bucket/latents/ --out s3://bucket/index/ --run-date 2026-11-28
+    """
+    from pipeline.index import build_index
+
+    click.echo(json.dumps(build_index(latents_url, index_url, metric=metric, kind=kind, run_date=run_date,
+                                      storage_options=_so(storage_options))))
+
+
+@cli.command("search")
+@click.argument("index_url")
+@click.option("--image", default=None, help="Query image file or URL (encoded with the index's model).")
+@click.option("--key", default=None, help="Query by the key of a stored row (it comes back first).")
+@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1, 10000), help="Neighbours.")
+@click.option("--checkpoint", default=None, help="Checkpoint to encode --image with (default: the index's).")
+@click.option("--grid", default=None, help="Also write the query and its neighbours as a PNG here.")
+@storage_option
+@handle_errors
+def search_cmd(index_url: str, image: str | None, key: str | None, k: int, checkpoint: str | None,
+               grid: str | None, storage_options: str | None) -> None:
+    """Print the nearest stored rows as JSON lines (key, distance, label, anomaly_score).
+
+    \b
+    Example:
+      vaepipe search s3://bucket/index/ --image shirt.png -k 10 --grid neighbours.png
+    """
+    from jobs.search import search
+
+    if (image is None) == (key is None):
+        raise click.UsageError("give one of --image and --key")
+    for hit in search(index_url, image=image, key=key, k=k, checkpoint=checkpoint, grid=grid,
+                      storage_options=_so(storage_options)):
+        click.echo(json.dumps(hit.to_dict()))
+
+
 @cli.command()
 @click.argument("checkpoint_url")
 @storage_option

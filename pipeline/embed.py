@@ -31,6 +31,7 @@ from vae_model.calibration import percentile_of, threshold_for
 from vae_model.checkpoint import Checkpoint, load_checkpoint
 from vae_model.checkpoint_header import calibration_id
 from vae_model.device import pick_device, scoring_precision
+from vae_model.config import NO_SCORE
 from vae_model.errors import ImageDecodeError
 from vae_model.runtime import release_memory
 from vae_model.scoring import ScoreOptions, for_scoring, score_batch
@@ -118,7 +119,7 @@ class ShardEmbedder:
                                        reference=reference)
         self.table = self.ckpt.score_quantiles.get(opts.score)
         self.threshold = threshold_for(self.table, opts.threshold_quantile) if self.table else None
-        if self.table is None:
+        if self.table is None and opts.score != NO_SCORE:
             log.warning("checkpoint has no validation quantiles for score %r: anomaly_percentile and is_anomaly "
                         "will be null", opts.score)
         self.run_date = dt.date.fromisoformat(opts.run_date) if opts.run_date else None
@@ -195,14 +196,14 @@ class ShardEmbedder:
         in order, from the item, its shard (the escaped shard name; one per item), the run, or the
         score of the same name (null when not computed). The one row builder: shards and
         :mod:`pipeline.handler` (Beam's RunInference, ScoreImages) both call it."""
-        n, score = len(batch), s["anomaly_score"]
+        n, score = len(batch), s.get("anomaly_score")  # absent with --score none: null score columns
         values = {**s,
                   "key": [b.key for b in batch], "index": [b.index for b in batch], "label": [b.label for b in batch],
                   "meta": [json.dumps(b.meta) if b.meta is not None else None for b in batch],
                   "shard": shards, "model_id": [self.ckpt.model_id] * n,
                   "run_date": [self.run_date] * n,
-                  "anomaly_percentile": percentile_of(score, self.table) if self.table else None,
-                  "is_anomaly": score > self.threshold if self.threshold is not None else None}
+                  "anomaly_percentile": percentile_of(score, self.table) if self.table and score is not None else None,
+                  "is_anomaly": score > self.threshold if self.threshold is not None and score is not None else None}
         cols = [_column(values.get(f.name), f.type, n) for f in self.schema]
         return pa.RecordBatch.from_arrays(cols, schema=self.schema)
 

@@ -12,7 +12,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
-from vae_model.config import SCORES
+from vae_model.config import EMBED_SCORES
 from vae_model.device import DEVICES, PRECISIONS, scoring_precision_for
 from vae_model.errors import ConfigError
 
@@ -40,7 +40,7 @@ class EmbedOptions:
     out_url: str
     batch_size: int = 256
     device: str = "auto"  # auto | cpu | cuda
-    score: str = "elbo"  # elbo | iwae | complexity | typicality
+    score: str = "elbo"  # elbo | iwae | complexity | typicality | none (embedding only)
     iwae_k: int = 64
     threshold_quantile: float = 0.99
     run_date: str | None = None  # YYYY-MM-DD: output goes under dt=YYYY-MM-DD/
@@ -64,8 +64,8 @@ class EmbedOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
                 raise ConfigError(f"--{name.replace('_', '-')} {value!r}: must be an integer from {lo:,} to {hi:,}")
-        if self.score not in SCORES:
-            raise ConfigError(f"--score {self.score}: choose one of {', '.join(SCORES)}")
+        if self.score not in EMBED_SCORES:
+            raise ConfigError(f"--score {self.score}: choose one of {', '.join(EMBED_SCORES)}")
         if not isinstance(self.threshold_quantile, (int, float)) or not 0 < self.threshold_quantile < 1:
             raise ConfigError("--threshold-quantile must be between 0 and 1, e.g. 0.99")
         if self.device not in DEVICES:
@@ -118,8 +118,9 @@ EMBED_FLAGS: tuple[Flag, ...] = (
     Flag("device", "Where to score.", choices=DEVICES),
     Flag("score", "anomaly_score: -ELBO (nats); -IWAE_k (nats); complexity = -ELBO bits minus lossless-coder bits "
                   "(Serra et al. 2020); typicality = -log density of (-ELBO bits, coder bits) among validation "
-                  "images plus a latent nearest-neighbour density (best for out-of-distribution inputs).",
-         choices=SCORES),
+                  "images plus a latent nearest-neighbour density (best for out-of-distribution inputs); "
+                  "none = the embedding only (encoder alone, score columns null; fastest).",
+         choices=EMBED_SCORES),
     Flag("iwae_k", "Importance samples for --score iwae."),
     Flag("threshold_quantile", "is_anomaly = score above this quantile of the checkpoint's validation scores."),
     Flag("run_date", "Write under OUT/dt=YYYY-MM-DD/.", metavar="YYYY-MM-DD"),

@@ -43,7 +43,8 @@ ROW_COLUMNS: tuple[Column, ...] = (
     Column("label", pa.int64(), "label from a `.cls` sidecar or label column, if any"),
     Column("meta", pa.string(), "JSON sidecar or metadata column, if any (JSON text)"),
     Column("embedding", LatentVector(), "the posterior mean mu(x): the image's embedding"),
-    Column("elbo", pa.float64(), "evidence lower bound, nats (higher = more likely)"),
+    Column("elbo", pa.float64(), "evidence lower bound, nats (higher = more likely); null with `--score none`, "
+                                 "like every score column below"),
     Column("recon_nll", pa.float64(), "-E_q log p(x|z), nats"),
     Column("kl", pa.float64(), "KL(q(z|x) || p(z)), nats"),
     Column("bits_per_dim", pa.float64(), "-ELBO in bits per pixel value"),

@@ -243,6 +243,27 @@ def test_run_passes_unknown_flags_to_beam(fashion_shards, tiny_checkpoint, tmp_p
     assert manifest["runner"] == "DirectRunner" and manifest["totals"]["rows"] == 600
 
 
+def test_score_none_writes_embeddings_and_null_scores(fashion_shards, tiny_checkpoint, tmp_path):
+    """--score none: the encoder only; the same embeddings as a scored run, every score column null,
+    and skip-existing keys on the score (an elbo run over it redoes every shard)."""
+    from pipeline.schema import ROW_COLUMNS
+
+    scored, embedded = tmp_path / "elbo", tmp_path / "none"
+    run_embed(str(fashion_shards), EmbedOptions(tiny_checkpoint, str(scored)))
+    m = run_embed(str(fashion_shards), EmbedOptions(tiny_checkpoint, str(embedded), score="none"))
+    assert m["reconciled"]
+    a, b = _rows(scored), _rows(embedded)
+    assert list(b.columns) == [c.name for c in ROW_COLUMNS] and len(a) == len(b)
+    assert np.allclose(np.stack(a["embedding"]), np.stack(b["embedding"]), atol=1e-5)
+    nulls = ["elbo", "recon_nll", "kl", "bits_per_dim", "iwae_nll", "complexity", "typicality", "anomaly_score",
+             "anomaly_percentile", "is_anomaly"]
+    assert b[nulls].isna().all().all() and b["key"].notna().all() and b["label"].notna().all()
+    again = run_embed(str(fashion_shards), EmbedOptions(tiny_checkpoint, str(embedded), score="none"))
+    assert again["totals"]["shards_skipped"] == again["totals"]["shards"]
+    redo = run_embed(str(fashion_shards), EmbedOptions(tiny_checkpoint, str(embedded), score="elbo"))
+    assert redo["totals"]["shards_skipped"] == 0 and _rows(embedded)["elbo"].notna().all()
+
+
 def test_checkpoint_without_quantiles_gives_null_percentiles(fashion_shards, tiny_checkpoint, tmp_path):
     ckpt = load_checkpoint(tiny_checkpoint)
     plain = tmp_path / "plain.safetensors"

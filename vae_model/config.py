@@ -9,6 +9,8 @@ from .errors import ConfigError
 
 LIKELIHOODS = ("bernoulli", "discretized_logistic")
 SCORES = ("elbo", "iwae", "complexity", "typicality")  # anomaly scores (vae_model.scoring computes them)
+NO_SCORE = "none"  # embed only: the encoder's posterior mean; no decoder, no likelihood, null score columns
+EMBED_SCORES = (*SCORES, NO_SCORE)  # what ``vaepipe embed --score`` takes
 MIN_SIZE, MAX_SIZE = 16, 256
 
 

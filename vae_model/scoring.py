@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from .checkpoint_header import calibration_id  # noqa: F401  (the one definition, re-exported for scoring's users)
-from .config import SCORES
+from .config import EMBED_SCORES, NO_SCORE
 from .device import autocast
 from .losses import LN2
 from .model import VAE
@@ -67,7 +67,7 @@ class ScoreOptions:
     typicality: TypicalityReference | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        assert self.score in SCORES and self.precision in ("fp32", "bf16"), self
+        assert self.score in EMBED_SCORES and self.precision in ("fp32", "bf16"), self
         reference = required_reference(self.score, self.reference)
         self.typicality = None if reference is None else TypicalityReference.from_dict(reference)
 
@@ -105,13 +105,18 @@ def score_batch(model: VAE, images: np.ndarray | torch.Tensor, keys: list[str] |
     Returns numpy arrays: ``embedding`` (B, D) float32 and (B,) float64 ``elbo`` (the ELBO, nats,
     negative), ``recon_nll``, ``kl``, ``bits_per_dim``, ``anomaly_score`` and, when computed,
     ``iwae_nll`` / ``complexity``.
+    With ``score="none"`` only ``embedding`` (the posterior mean: the encoder alone runs).
     """
     device = torch.device(device)
-    if keys is None:
-        keys = pixel_ids(images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images))
     x = torch.as_tensor(images).to(device, non_blocking=True)
     if next(model.parameters()).is_contiguous(memory_format=torch.channels_last) and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)  # match a model moved to NHWC
+    if opts.score == NO_SCORE:  # the encoder alone: no noise, no decoder, no likelihood
+        with autocast(device, opts.precision):
+            mean = model.encode(model.prepare(x)[0]).mean
+        return {"embedding": mean.float().cpu().numpy().astype(np.float32)}
+    if keys is None:
+        keys = pixel_ids(images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images))
     d = model.cfg.latent_dim
     eps = noise_for_keys(keys, (d,), opts.seed).to(device)
     with autocast(device, opts.precision):

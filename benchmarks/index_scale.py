@@ -1,0 +1,205 @@
+"""Vector index: which ANN library, and vaepipe's index at 1M vectors.
+
+Two parts, each measurement in its own child process (peak RSS from the kernel, clean state):
+
+  --compare   faiss-cpu HNSW, usearch HNSW and hnswlib HNSW (M=16, efConstruction=100) on the
+              same N synthetic vectors, one thread: build time, peak RSS, serialized size, and
+              recall@10 against exact search with queries/s for each efSearch.
+  (default)   ``pipeline.index`` itself (the library vaepipe chose) at 1M x 32: build time, peak
+              RSS, size on disk, queries/s single-threaded and recall@10 against exact search
+              for flat and hnsw, with its ``ef_search``.
+
+Vectors are N(0, I) in 32 dimensions, the VAE's prior (the aggregate posterior of a well-fitted
+model is close to it): the hardest case for a graph index, with no cluster structure to exploit.
+Queries are 1,000 other draws; exact neighbours come from a brute-force scan.
+
+    .venv/bin/python benchmarks/index_scale.py --compare      # libraries at 100k (~2 min)
+    .venv/bin/python benchmarks/index_scale.py                # vaepipe's index at 1M (~5 min)
+    .venv/bin/python benchmarks/index_scale.py --quick        # smoke run at 20k
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+DIM, QUERIES, K = 32, 1000, 10
+EF_SEARCH = (16, 32, 64, 128, 256, 512)
+TARGETS = {"recall_at_10": 0.95, "queries_per_s": 1000}
+
+
+def data(n: int, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((n, DIM), dtype=np.float32),
+            rng.standard_normal((QUERIES, DIM), dtype=np.float32))
+
+
+def exact(base, queries):
+    """Exact top-K by squared L2 (chunked brute force)."""
+    import numpy as np
+
+    norms = (base * base).sum(1)
+    out = []
+    for i in range(0, len(queries), 100):
+        q = queries[i:i + 100]
+        d = norms[None, :] - 2 * q @ base.T
+        part = np.argpartition(d, K, axis=1)[:, :K]
+        order = np.take_along_axis(d, part, 1).argsort(1)
+        out.append(np.take_along_axis(part, order, 1))
+    return np.concatenate(out)
+
+
+def recall(found, truth) -> float:
+    return float(sum(len(set(f[:K]) & set(t)) for f, t in zip(found, truth)) / truth.size)
+
+
+def timed_queries(search, queries) -> tuple[list, float]:
+    """One query at a time (a user's lookup), single-threaded: (results, queries per second)."""
+    t0 = time.perf_counter()
+    found = [search(q) for q in queries]
+    return found, len(queries) / (time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------- children
+
+
+def child_lib(lib: str, n: int) -> dict:
+    import numpy as np
+
+    base, queries = data(n)
+    truth = exact(base, queries)
+    t0 = time.perf_counter()
+    if lib == "faiss":
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+        index = faiss.IndexHNSWFlat(DIM, 16)
+        index.hnsw.efConstruction = 100
+        index.add(base)
+        size = len(faiss.serialize_index(index))
+
+        def search_at(ef):
+            index.hnsw.efSearch = ef
+            return lambda q: index.search(q[None], K)[1][0]
+    elif lib == "usearch":
+        from usearch.index import Index
+
+        index = Index(ndim=DIM, metric="l2sq", connectivity=16, expansion_add=100, dtype="f32")
+        index.add(np.arange(n), base, threads=1)
+        size = len(index.save())
+
+        def search_at(ef):
+            index.expansion_search = ef
+            return lambda q: index.search(q, K, threads=1).keys
+    elif lib == "hnswlib":
+        import hnswlib
+
+        index = hnswlib.Index(space="l2", dim=DIM)
+        index.init_index(max_elements=n, M=16, ef_construction=100)
+        index.set_num_threads(1)
+        index.add_items(base, np.arange(n))
+        with tempfile.NamedTemporaryFile() as f:
+            index.save_index(f.name)
+            size = Path(f.name).stat().st_size
+
+        def search_at(ef):
+            index.set_ef(max(ef, K))
+            return lambda q: index.knn_query(q[None], K)[0][0]
+    else:
+        raise ValueError(lib)
+    build_s = time.perf_counter() - t0
+    sweep = []
+    for ef in EF_SEARCH:
+        found, qps = timed_queries(search_at(ef), queries)
+        sweep.append({"ef_search": ef, "recall_at_10": round(recall(found, truth), 4), "queries_per_s": round(qps)})
+    return {"library": lib, "n": n, "build_s": round(build_s, 2), "serialized_mb": round(common.mb(size), 1),
+            "sweep": sweep}
+
+
+def child_vaepipe(kind: str, n: int) -> dict:
+    """pipeline.index's own index (what ``vaepipe index`` builds), through its public API."""
+    from pipeline.index import VectorIndex
+
+    base, queries = data(n)
+    truth = exact(base, queries)
+    keys = [f"k{i}" for i in range(n)]
+    import faiss
+
+    t0 = time.perf_counter()
+    index = VectorIndex.new(DIM, metric="l2", kind=kind, threads=os.cpu_count())  # the build uses every core
+    index.add(keys, base)
+    build_s = time.perf_counter() - t0
+    size = len(index.to_bytes())
+    faiss.omp_set_num_threads(1)  # queries: one thread
+    position = {k: i for i, k in enumerate(keys)}
+    sweep = []
+    default_ef = index.ef_search
+    for ef in sorted({*EF_SEARCH, default_ef}) if kind == "hnsw" else [None]:
+        if ef is not None:
+            index.faiss_index.hnsw.efSearch = ef
+        found, qps = timed_queries(lambda q: [position[h.key] for h in index.search(q[None], K)[0]], queries)
+        sweep.append({"ef_search": ef, "recall_at_10": round(recall(found, truth), 4), "queries_per_s": round(qps)})
+    at_default = next(s for s in sweep if s["ef_search"] == default_ef)
+    return {"kind": kind, "n": n, "build_s": round(build_s, 2), "build_threads": os.cpu_count(),
+            "serialized_mb": round(common.mb(size), 1), **at_default, "sweep": sweep}
+
+
+# --------------------------------------------------------------------------- parent
+
+
+def run(mode: str, name: str, n: int) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), mode, name, str(n)]
+    r = common.run_child(cmd, env={"OMP_NUM_THREADS": "1"}, timeout=1800)
+    if r["rc"] != 0:
+        raise SystemExit(f"{name} failed:\n{r.get('stderr_tail', '')}")
+    res = common.last_json(r["stdout"])
+    res["peak_rss_mb"] = r["main_peak_mb"]  # the child process alone (psutil sampler)
+    common.log(json.dumps(res))
+    return res
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--compare", action="store_true", help="compare the ANN libraries instead")
+    ap.add_argument("--n", type=int, default=None, help="vectors (default 100k with --compare, else 1M)")
+    ap.add_argument("--libraries", default="faiss,usearch,hnswlib")
+    ap.add_argument("--quick", action="store_true", help="smoke run at 20k vectors")
+    args = ap.parse_args(argv)
+    n = 20_000 if args.quick else args.n or (100_000 if args.compare else 1_000_000)
+    if args.compare:
+        rows = [run("child-lib", lib, n) for lib in args.libraries.split(",")]
+        print(f"\nANN libraries, N={n:,} x {DIM} N(0, I), HNSW M=16 efConstruction=100, one thread")
+        print(common.table([[r["library"], r["build_s"], r["peak_rss_mb"], r["serialized_mb"],
+                             " ".join(f"{s['ef_search']}:{s['recall_at_10']}/{s['queries_per_s']}" for s in r["sweep"])]
+                            for r in rows], ["library", "build s", "peak RSS MB", "size MB",
+                                             "efSearch:recall@10/queries per s"]))
+        out = common.RESULTS / ("index_compare-quick.json" if args.quick else "index_compare.json")
+    else:
+        rows = [run("child-vaepipe", kind, n) for kind in ("flat", "hnsw")]
+        print(f"\nvaepipe index, N={n:,} x {DIM} N(0, I), single-threaded queries, k={K}")
+        print(common.table([[r["kind"], r["build_s"], r["peak_rss_mb"], r["serialized_mb"], s["ef_search"],
+                             s["recall_at_10"], s["queries_per_s"]] for r in rows for s in r["sweep"]],
+                           ["kind", "build s", "peak RSS MB", "size MB", "ef_search", "recall@10", "queries/s"]))
+        hnsw = rows[-1]
+        met = hnsw["recall_at_10"] >= TARGETS["recall_at_10"] and hnsw["queries_per_s"] >= TARGETS["queries_per_s"]
+        print(f"\nTarget hnsw recall@10 >= {TARGETS['recall_at_10']} at >= {TARGETS['queries_per_s']} queries/s: "
+              f"{'MET' if met else 'MISS'}")
+        out = common.RESULTS / ("index_scale-quick.json" if args.quick else "index_scale.json")
+    common.write_json(out, {"n": n, "dim": DIM, "queries": QUERIES, "k": K, "argv": sys.argv, "rows": rows})
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1].startswith("child-"):
+        fn = {"child-lib": child_lib, "child-vaepipe": child_vaepipe}[sys.argv[1]]
+        print(json.dumps(fn(sys.argv[2], int(sys.argv[3]))), flush=True)
+    else:
+        main()

@@ -1,0 +1,149 @@
+"""The vector index on real embed output: build, nightly increments, refusals, search by key and by image,
+on local disk and on SeaweedFS."""
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from jobs.cli import cli
+from pipeline import build_index, open_index
+from pipeline.index import SIDECAR, IndexError_
+from pipeline.options import EmbedOptions
+from pipeline.run import run_embed
+from vae_model.checkpoint import load_checkpoint, save_checkpoint
+
+DAY1, DAY2, DAY3 = "2026-11-01", "2026-11-02", "2026-11-03"
+
+
+@pytest.fixture(scope="module")
+def latents(tmp_path_factory, fashion_shards, mnist_shards, tiny_checkpoint) -> Path:
+    """Three nightly partitions of one model: Fashion-MNIST, MNIST, then Fashion-MNIST again (same keys)."""
+    out = tmp_path_factory.mktemp("latents") / "latents"
+    run_embed(str(fashion_shards), EmbedOptions(tiny_checkpoint, str(out), run_date=DAY1))
+    run_embed(str(mnist_shards), EmbedOptions(tiny_checkpoint, str(out), run_date=DAY2, score="none"))
+    run_embed(str(fashion_shards), EmbedOptions(tiny_checkpoint, str(out), run_date=DAY3))
+    return out
+
+
+def _rows(latents: Path, day: str):
+    return pads.dataset(str(latents / f"dt={day}"), format="parquet", ignore_prefixes=["_", "."]).to_table()
+
+
+def _first_member(shards: Path) -> tuple[str, bytes]:
+    """(row key, PNG bytes) of the first image of the first shard."""
+    shard = sorted(shards.glob("*.tar"))[0]
+    with tarfile.open(shard) as tf:
+        png = next(m for m in tf.getmembers() if m.name.endswith(".png"))
+        return f"{shard}/{png.name.rsplit('.', 1)[0]}", tf.extractfile(png).read()
+
+
+def test_build_then_nightly_increments_never_duplicate_keys(latents, tmp_path):
+    index_url = str(tmp_path / "index")
+    first = build_index(str(latents), index_url, run_date=DAY1)
+    n1 = _rows(latents, DAY1).num_rows
+    assert first["added"] == first["count"] == n1 and first["partitions"] == [f"dt={DAY1}"]
+    second = build_index(str(latents), index_url)  # every partition: only the two new ones are read
+    assert second["partitions_added"] == [f"dt={DAY2}", f"dt={DAY3}"]
+    assert second["added"] == _rows(latents, DAY2).num_rows  # day 3 holds day 1's keys again
+    assert second["duplicates_skipped"] == _rows(latents, DAY3).num_rows
+    again = build_index(str(latents), index_url)
+    assert again["added"] == 0 and again["count"] == n1 + _rows(latents, DAY2).num_rows
+
+    idx = open_index(index_url)
+    keys = idx.index.rows_table().column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == again["count"]
+    meta = json.loads((tmp_path / "index" / SIDECAR).read_text())
+    assert meta["model_id"] == _rows(latents, DAY1).column("model_id")[0].as_py()
+    assert meta["metric"] == "cosine" and meta["kind"] == "hnsw" and meta["count"] == len(keys)
+    assert [p["name"] for p in meta["partitions"]] == [f"dt={DAY1}", f"dt={DAY2}", f"dt={DAY3}"]
+    assert meta["calibration"] and meta["partitions"][0]["files"]
+    # only the current and the previous generation's files are kept
+    assert len(list((tmp_path / "index").glob("vectors-*.faiss"))) == 2
+
+
+def test_another_model_is_refused_with_one_line(latents, fashion_shards, tiny_checkpoint, tmp_path):
+    index_url = str(tmp_path / "index")
+    build_index(str(latents), index_url, run_date=DAY1)
+    ckpt = load_checkpoint(tiny_checkpoint)
+    with torch.no_grad():
+        next(ckpt.model.parameters()).add_(0.01)
+    other = tmp_path / "other.safetensors"
+    save_checkpoint(ckpt.model, str(other), ckpt.meta)
+    run_embed(str(fashion_shards), EmbedOptions(str(other), str(latents), run_date="2026-11-09"))
+    try:
+        with pytest.raises(IndexError_, match="a new model needs a new index"):
+            build_index(str(latents), index_url)
+        res = CliRunner().invoke(cli, ["index", str(latents), "--out", index_url, "--run-date", "2026-11-09"])
+        assert res.exit_code == 1 and "a new model needs a new index" in res.output
+        assert len(res.output.strip().splitlines()) == 1
+        assert open_index(index_url).meta["count"] == _rows(latents, DAY1).num_rows  # untouched
+    finally:
+        import shutil
+
+        shutil.rmtree(latents / "dt=2026-11-09")
+        shutil.rmtree(latents / "errors" / "dt=2026-11-09", ignore_errors=True)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_search_by_key_returns_the_key_first(latents, tmp_path, kind):
+    index_url = str(tmp_path / "index")
+    build_index(str(latents), index_url, kind=kind, metric="l2", run_date=DAY1)
+    idx = open_index(index_url)
+    rows = _rows(latents, DAY1).to_pylist()
+    for row in rows[::97]:
+        hits = idx.search_key(row["key"], k=5)
+        assert hits[0].key == row["key"] and hits[0].distance == 0.0 and len(hits) == 5
+        assert hits[0].label == row["label"] and hits[0].anomaly_score == pytest.approx(row["anomaly_score"])
+        assert all(a.distance <= b.distance for a, b in zip(hits[1:], hits[2:]))
+    # vectors: the stored embedding finds its own row
+    emb = np.array([rows[0]["embedding"]], dtype=np.float32)
+    assert idx.search(emb, 3)[0][0].key == rows[0]["key"]
+
+
+def test_search_by_image_encodes_with_the_index_model(latents, fashion_shards, tmp_path):
+    index_url = str(tmp_path / "index")
+    build_index(str(latents), index_url)
+    key, png = _first_member(fashion_shards)
+    idx = open_index(index_url)
+    hits = idx.search([png], k=10)[0]
+    assert hits[0].key == key and hits[0].distance < 1e-5 and len(hits) == 10
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("L"))[None, None]
+    assert idx.search(pixels, k=1)[0][0].key == key  # decoded uint8 images work too
+
+    image = tmp_path / "query.png"
+    image.write_bytes(png)
+    grid = tmp_path / "grid.png"
+    res = CliRunner().invoke(cli, ["search", index_url, "--image", str(image), "-k", "4", "--grid", str(grid)],
+                             catch_exceptions=False)
+    lines = [json.loads(line) for line in res.output.strip().splitlines()]
+    assert res.exit_code == 0 and lines[0]["key"] == key and len(lines) == 4
+    assert set(lines[0]) == {"key", "distance", "label", "anomaly_score"}
+    assert Image.open(grid).size == (5 * 30 + 2, 32)  # query + 4 neighbours, 28 px + 2 px padding
+
+    res = CliRunner().invoke(cli, ["search", index_url, "--key", key, "-k", "3", "--grid", str(grid)],
+                             catch_exceptions=False)
+    assert [json.loads(line)["key"] for line in res.output.splitlines()][0] == key
+    assert Image.open(grid).size == (3 * 30 + 2, 32)  # query + the 2 other neighbours
+
+
+def test_index_on_seaweedfs(latents, fashion_shards, s3_bucket, s3_server):
+    so = s3_server.storage_options
+    index_url = f"{s3_bucket}/index"
+    first = build_index(str(latents), index_url, run_date=DAY1, storage_options=so)
+    second = build_index(str(latents), index_url, storage_options=so)
+    assert second["count"] == first["count"] + second["added"] and second["added"] > 0
+    assert s3_server.filesystem().exists(f"{index_url.removeprefix('s3://')}/{SIDECAR}")
+    key, png = _first_member(fashion_shards)
+    idx = open_index(index_url, storage_options=so)
+    assert idx.search_key(key, 3)[0].key == key
+    assert idx.search([png], 3)[0][0].key == key
+    res = CliRunner().invoke(cli, ["search", index_url, "--key", key, "-k", "2",
+                                   "--storage-options", s3_server.storage_options_json], catch_exceptions=False)
+    assert json.loads(res.output.splitlines()[0])["key"] == key
