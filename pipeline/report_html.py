@@ -19,7 +19,7 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 10px;border-bot
 .card{background:#fff;border:1px solid #d0d7de;border-radius:8px;padding:10px 12px}
 .card .k{color:#57606a;font-size:12px;text-transform:uppercase;letter-spacing:.04em}
 .card .v{font-size:22px;font-weight:600;word-break:break-all}.card .v.small{font-size:14px}
-.card .p{color:#9a6700;font-size:12px;word-break:break-all}.card.wide{grid-column:span 2}
+.card .p{color:#9a6700;font-size:12px;overflow-wrap:anywhere}.card.wide{grid-column:span 2}
 .bad{color:#cf222e}.good{color:#1a7f37}.warn{color:#9a6700}.muted{color:#57606a}
 .notes{background:#fff8c5;border:1px solid #d4a72c;border-radius:8px;padding:8px 12px;margin-top:12px}
 .figs{display:grid;grid-template-columns:repeat(2,1fr);gap:12px}
