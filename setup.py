@@ -29,6 +29,7 @@ setup(
         "numpy>=1.24",
         "zstandard>=0.22",
         "matplotlib>=3.7",  # the run report's figures (pipeline.report_figures, Agg backend)
+        "faiss-cpu>=1.8",  # the vector index (pipeline.index): a wheel, flat and HNSW in one library
     ],
     extras_require={
         "s3": ["s3fs>=2023.6"],
