@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import click
 
+from jobs.log_format import LOG_FORMATS, TEXT_FORMAT, formatter
 from vae_model.device import PRECISIONS
 from vae_model.errors import VaePipeError, worker_failure
 from vae_model.runtime import skip_exit_gc
@@ -72,7 +73,10 @@ def _so(text: str | None) -> dict | None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="vaepipe", message="vaepipe %(version)s")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
-def cli(verbose: int) -> None:
+@click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", show_default=True,
+              help="json: one JSON object a line (ts, level, logger, message, pid), for log collectors.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, log_format: str) -> None:
     """vaepipe: train a convolutional VAE on image shards, embed and anomaly-score images with
     Apache Beam, and generate images.
 
@@ -83,10 +87,13 @@ def cli(verbose: int) -> None:
       vaepipe evaluate shards/ --checkpoint runs/fmnist/model.safetensors
     """
     skip_exit_gc()  # ~0.3 s less at exit once torch/Beam are loaded (vae_model.runtime)
+    ctx.ensure_object(dict)["log_format"] = log_format
+    logging.captureWarnings(log_format == "json")  # Python warnings become JSON log lines too
     level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=max(level, logging.DEBUG), format=TEXT_FORMAT)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_drop_import_noise)
+        handler.setFormatter(formatter(log_format))
 
 
 def _drop_import_noise(record: logging.LogRecord) -> bool:
@@ -330,27 +337,38 @@ def embed(ctx: click.Context, data_url: str, storage_options: str | None, **valu
       vaepipe embed 's3://bucket/images/*.tar' --checkpoint s3://bucket/m.safetensors \\
           --out s3://bucket/latents/ --run-date 2026-11-28
     """
+    from jobs.embed_progress import EmbedProgress
+    from pipeline.drift import exit_status, format_drift
+    from pipeline.metrics import format_metrics
     from pipeline.options import EmbedOptions
     from pipeline.run import run_embed
 
     logging.getLogger("pipeline").setLevel(logging.INFO)
     opts = EmbedOptions(**values, storage_options=_so(storage_options))
 
-    def show(progress) -> None:
-        click.echo(f"  {progress}", err=True)
-
-    manifest = run_embed(data_url, opts, list(ctx.args), on_progress=show, use_local_cores=True)
+    with EmbedProgress() as show:
+        manifest = run_embed(data_url, opts, list(ctx.args), on_progress=show, use_local_cores=True)
     t = manifest["totals"]
-    click.echo(f"{t['shards']} shards ({t['shards_skipped']} skipped), {t['images_seen']} images: "
-               f"{t['rows']} rows, {t['errors']} dead letters, {manifest['images_per_s']} img/s "
-               f"-> {manifest['partition_url']}", err=True)
+    if ctx.find_root().ensure_object(dict).get("log_format") == "json":  # one JSON line, like every log line
+        logging.getLogger("pipeline.run").info("embed finished", extra={
+            k: manifest.get(k) for k in ("partition_url", "totals", "images_per_s", "metrics", "drift")})
+    else:
+        click.echo(format_metrics(manifest.get("metrics", {})), err=True)
+        click.echo(format_drift(manifest.get("drift", {})), err=True)
+        click.echo(f"{t['shards']} shards ({t['shards_skipped']} skipped), {t['images_seen']} images: "
+                   f"{t['rows']} rows, {t['errors']} dead letters, {manifest['images_per_s']} img/s "
+                   f"-> {manifest['partition_url']}", err=True)
     if opts.report:
         from pipeline.report import written_report
 
         click.echo(f"report: {written_report(manifest['partition_url'], opts.storage_options) or 'not written'}",
                    err=True)
-    click.echo(json.dumps({k: manifest[k] for k in ("partition_url", "model_id", "totals", "reconciled",
-                                                    "seconds", "images_per_s", "runner")}))
+    click.echo(json.dumps({**{k: manifest[k] for k in ("partition_url", "model_id", "totals", "reconciled",
+                                                       "seconds", "images_per_s", "runner")},
+                           "drift": (manifest.get("drift") or {}).get("verdict")}))
+    status = exit_status(manifest)  # 3 with --fail-on-drift when a verdict failed: every output is written
+    if status:
+        ctx.exit(status)
 
 
 @cli.command("index")

@@ -7,6 +7,7 @@ letter; the counts go into the file's metadata and the returned summary.
 """
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import json
 import logging
@@ -171,12 +172,16 @@ class ShardEmbedder:
                 errors.append(self._error(key, spec, m.index, "read", m.error_type or "ReadError",
                                           m.error or "member has no data"))
                 continue
+            self._work["bytes_read"] += len(m.data)
+            t = time.perf_counter()
             try:
                 pixels = decode_image(m.data, c, size, max_pixels=self.opts.max_pixels)
             except ImageDecodeError as exc:
                 etype = getattr(exc, "error_type", "ImageDecodeError")
                 errors.append(self._error(key, spec, m.index, "decode", etype, str(exc)))
                 continue
+            finally:
+                self._work["decode_seconds"] += time.perf_counter() - t
             batch.append(BatchItem(key, m.index, m.label, m.meta, pixels))
             if len(batch) == bs:
                 yield batch
@@ -220,6 +225,8 @@ class ShardEmbedder:
         so = self.opts.storage_options
         errors: list[dict] = []
         tally = ShardTally()
+        # encoded image bytes read, seconds decoding (the prefetch thread) and scoring: Beam metrics
+        self._work = {"bytes_read": 0, "decode_seconds": 0.0, "score_seconds": 0.0}
         writer = AtomicParquetWriter(self.rows_url(spec), self.schema, so)
         try:
             for batch in _Prefetch(self._decoded(spec, errors, tally)):
@@ -241,7 +248,9 @@ class ShardEmbedder:
         log.info("shard %s: %d rows, %d errors in %.2fs (%.0f img/s)", spec.name, counts["rows"], counts["errors"],
                  secs, counts["images_seen"] / max(secs, 1e-9))
         return {"shard": spec.name, "output": self.rows_url(spec), **counts, "skipped": False,
-                "started_at": started, "seconds": round(secs, 4), "pid": os.getpid()}
+                "started_at": started, "seconds": round(secs, 4), "pid": os.getpid(),
+                **{k: round(v, 4) for k, v in self._work.items()},
+                "dead_letters": dict(collections.Counter(e["error_type"] for e in errors))}
 
     def score_rows(self, batch: list[BatchItem], shards: list[str | None]) -> pa.RecordBatch:
         """Score decoded images and build their rows (:meth:`record_batch`): one call per batch, so
@@ -256,11 +265,13 @@ class ShardEmbedder:
                 ) -> Iterator[tuple[list[BatchItem], dict]]:
         """Score a batch; when that fails (out of memory, ...) score its halves, down to single
         images, so one failure costs the fewest images (dead letters) and never the job."""
+        t = time.perf_counter()
         try:
             scores = self._score(np.stack([b.pixels for b in batch]))
         except (MemoryError, RuntimeError, ValueError) as exc:  # RuntimeError: torch's out of memory
             failure = (type(exc).__name__, " ".join(str(exc).split()))  # not exc: its frames hold the batch
         else:
+            self._work["score_seconds"] += time.perf_counter() - t
             yield batch, scores
             return
         if len(batch) == 1:

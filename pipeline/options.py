@@ -52,6 +52,7 @@ class EmbedOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images (width x height) become dead letters
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES  # larger encoded images become dead letters
     max_sidecar_bytes: int = DEFAULT_MAX_SIDECAR_BYTES  # larger .json/.cls sidecars become dead letters
+    fail_on_drift: bool = False  # exit status 3 (pipeline.drift.DRIFT_EXIT_CODE) when a drift verdict fails
     report: bool = True  # write PARTITION/_report.html (pipeline.report) after the manifest
     storage_options: dict[str, Any] | None = None
     # Set by the driver for its workers (not user options): the output lease this run holds and
@@ -134,6 +135,8 @@ EMBED_FLAGS: tuple[Flag, ...] = (
     Flag("max_pixels", "Images with more pixels (width x height) become dead letters (ImageTooLarge)."),
     Flag("max_member_bytes", "Encoded images larger than this become dead letters (MemberTooLarge)."),
     Flag("max_sidecar_bytes", "Sidecars (.json, .cls, metadata cells) larger than this become dead letters."),
+    Flag("fail_on_drift", "Exit with status 3 when a drift verdict of the manifest fails, once every output "
+                          "(rows, manifest, _SUCCESS, report) is written."),
     Flag("report", "Write PARTITION/_report.html (as `vaepipe report` does) after the manifest; a report that "
                    "cannot be written only logs a warning."),
 )
@@ -163,7 +166,7 @@ def output_name(spec: ShardSpec) -> str:
 # worker count, threads or device: README, "Anomaly scores"). Every other field, present or
 # future, is part of :func:`output_key`, so a new option cannot be forgotten by skip-existing.
 ROW_NEUTRAL_OPTIONS = frozenset({"checkpoint", "out_url", "batch_size", "device", "skip_existing", "torch_threads",
-                                 "storage_options", "mode", "lease_owner", "driver",
+                                 "storage_options", "mode", "lease_owner", "driver", "fail_on_drift",
                                  "report"})
 SCORE_VERSION = "1"  # bump when a score's computation changes: outputs written before are then redone
 

@@ -14,13 +14,16 @@ import argparse
 import dataclasses
 import datetime as dt
 import logging
+import sys
 from typing import Callable
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipeline.drift import exit_status
 from pipeline.lease import Lease, RunAbandonedError, this_process
-from pipeline.manifest import clear_success, read_manifest
+from pipeline.manifest import add_to_manifest, clear_success
+from pipeline.metrics import query_metrics
 from pipeline.options import (EMBED_FLAGS, REQUIRED_FLAGS, EmbedOptions, check_score_supported, flag_default,
                               options_dict, output_key, output_name)
 from pipeline.partition import plan_partition
@@ -86,6 +89,9 @@ def run_embed(data_url: str, opts: EmbedOptions, beam_args: list[str] | None = N
             "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
             "inputs": [s.name for s in specs], "kept": plan.kept, "delete": plan.delete,
             "lease_owner": lease.owner,
+            # read by the manifest step's drift check (pipeline.drift), not copied into the manifest
+            "drift_reference": {"quantiles": ckpt.score_quantiles.get(opts.score),
+                                "embedding_stats": ckpt.meta.get("embedding_stats")},
         }
         log.info("embedding %d shards from %s with model %s on %s", len(specs), data_url, ckpt.model_id, runner)
         p = test_pipeline or beam.Pipeline(options=options)
@@ -105,7 +111,8 @@ def run_embed(data_url: str, opts: EmbedOptions, beam_args: list[str] | None = N
         if lease.lost:
             raise RunAbandonedError(f"{opts.partition_url}: another run took the output lease during this run; "
                                     "its outputs are not complete: rerun")
-        manifest = read_manifest(opts.partition_url, so)
+        # Beam metrics exist only once the pipeline has finished: added to the manifest written in it
+        manifest = add_to_manifest(opts.partition_url, {"metrics": query_metrics(result)}, so)
         if opts.report:  # read from the manifest just written; a failure only logs a warning
             write_report_or_warn(opts.partition_url, so)
         return manifest
@@ -144,4 +151,4 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    run()
+    sys.exit(exit_status(run()))  # 3 with --fail-on-drift when a drift verdict failed (pipeline.drift)

@@ -14,10 +14,10 @@ from __future__ import annotations
 import logging
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 from apache_beam.utils.shared import Shared
 
 from pipeline.manifest import write_manifest
+from pipeline.metrics import ShardMetrics
 from pipeline.options import EmbedOptions
 from pipeline.shards import ShardSpec, expand_shards
 from vae_model.errors import worker_error
@@ -65,11 +65,7 @@ class EmbedShardFn(beam.DoFn):
     def __init__(self, opts: EmbedOptions, shared: Shared | None = None) -> None:
         self.opts = opts
         self._shared = shared or Shared()
-        self.images = Metrics.counter("vaepipe", "images_seen")
-        self.rows = Metrics.counter("vaepipe", "rows")
-        self.errors = Metrics.counter("vaepipe", "errors")
-        self.shards = Metrics.counter("vaepipe", "shards")
-        self.skipped = Metrics.counter("vaepipe", "shards_skipped")
+        self.metrics = ShardMetrics()  # counters and distributions in the "vaepipe" namespace
 
     def setup(self) -> None:
         # Loaded once per worker process and shared by its DoFn instances.
@@ -86,12 +82,7 @@ class EmbedShardFn(beam.DoFn):
             summary = self.embedder.process(spec)
         except Exception as exc:  # the driver prints the cause, whatever the runner wraps it in
             raise worker_error(exc) from exc
-        self.shards.inc()
-        if summary.get("skipped"):
-            self.skipped.inc()
-        self.images.inc(summary["images_seen"])
-        self.rows.inc(summary["rows"])
-        self.errors.inc(summary["errors"])
+        self.metrics.update(summary)
         yield summary
 
 

@@ -102,8 +102,10 @@ def test_embed_s3_to_s3_matches_local_run(s3_server, s3_run):
     fs = s3_server.filesystem()  # fresh instance: sees what the pipeline wrote
     part = f"{_bare(bucket)}/out/dt={RUN_DATE}"
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(part))
-    assert names[:2] == ["_SUCCESS", "_manifest.json"] and len(names) == 5, names
-    assert all(n.startswith("shard-") and n.endswith(".parquet") for n in names[2:])
+    assert names[:3] == ["_SUCCESS", "_manifest.json", "_report.html"] and len(names) == 6, names
+    assert all(n.startswith("shard-") and n.endswith(".parquet") for n in names[3:])
+    report = fs.cat(f"{part}/_report.html").decode()  # written to the bucket by the driver (pipeline.report)
+    assert s3_run["model_id"] in report and report.count('src="data:image/png') == 4 + 64 + 16  # thumbnails read back from S3
     assert [p.rsplit("/", 1)[-1] for p in fs.ls(f"{_bare(bucket)}/out")] == [f"dt={RUN_DATE}"]  # no errors/, probes
     manifest_text = fs.cat(f"{part}/_manifest.json").decode()
     assert json.loads(manifest_text)["totals"] == manifest["totals"]

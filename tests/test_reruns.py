@@ -35,7 +35,7 @@ OTHER_VALUE = {"score": "iwae", "iwae_k": 8, "threshold_quantile": 0.5, "run_dat
                "max_sidecar_bytes": 10}
 NEUTRAL_VALUE = {"checkpoint": "other.safetensors", "out_url": "/elsewhere", "batch_size": 7, "device": "cpu",
                  "skip_existing": False, "torch_threads": 3, "storage_options": {"anon": True},
-                 "mode": "overwrite", "lease_owner": "x", "driver": {"pid": 1},
+                 "mode": "overwrite", "lease_owner": "x", "driver": {"pid": 1}, "fail_on_drift": True,
                  "report": False}
 
 
