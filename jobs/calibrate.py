@@ -3,6 +3,7 @@
 What it stores in the checkpoint's metadata (the weights, hence the model_id, are unchanged):
   ``score_quantiles``  quantiles of every score, for ``anomaly_percentile`` / ``is_anomaly``
   ``typicality``       the reference of the ``typicality`` score (see vae_model.typicality)
+  ``embedding_stats``  count, mean and covariance of the images' posterior means (embed's drift check)
   ``calibration``      where the images came from, how many, and a content id of the above
 and seals the statistics with ``vaepipe.calibration_id`` (vae_model.checkpoint_header).
 
@@ -41,13 +42,14 @@ def store_calibration(checkpoint_url: str, images: torch.Tensor, source: str, iw
         raise ConfigError(f"--iwae-k {iwae_k!r}: the iwae score's quantiles need an integer k >= 1")
     ckpt = ckpt or load_checkpoint(checkpoint_url, storage_options, map_location=device, verify_calibration=False)
     try:
-        reference, tables = fit_reference(ckpt.model, images, ScoreOptions(score="elbo", iwae_k=iwae_k, seed=seed),
+        reference, tables, embeddings = fit_reference(ckpt.model, images, ScoreOptions(score="elbo", iwae_k=iwae_k, seed=seed),
                                           device)
     except VaePipeError:
         raise
     except ValueError as exc:  # too few or degenerate images (vae_model.typicality)
         raise ConfigError(f"calibration on {source} failed: {exc}") from None
-    updates = {"score_quantiles": tables, "score_quantiles_iwae_k": iwae_k, "typicality": reference}
+    updates = {"score_quantiles": tables, "score_quantiles_iwae_k": iwae_k, "typicality": reference,
+               "embedding_stats": embeddings}
     record = {"data_url": source, "images": int(len(images)), "iwae_k": iwae_k, "seed": seed,
               "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "id": calibration_id(updates)}

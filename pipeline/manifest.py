@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 from typing import Any
 
 from pipeline.lease import RunAbandonedError, read_lease
 from pipeline.partition import data_files, delete_files
 from pipeline.writer import remove_stale_temp_files
 from vae_model.storage import StorageOptions, atomic_write_bytes, fresh_fs, join
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
@@ -28,7 +31,7 @@ def build_manifest(summaries: list[dict], context: dict[str, Any], files: list[s
     secs = (finished - started).total_seconds()
     worked = [s for s in shards if not s.get("skipped")]
     return {
-        **{k: v for k, v in context.items() if k not in ("inputs", "kept", "delete", "lease_owner")},
+        **{k: v for k, v in context.items() if k not in ("inputs", "kept", "delete", "lease_owner", "drift_reference")},
         "finished_at": finished.isoformat(timespec="milliseconds"),
         "seconds": round(secs, 3),
         "images_per_s": round(sum(s["images_seen"] for s in worked) / secs, 2) if secs > 0 else None,
@@ -69,9 +72,21 @@ def write_manifest(summaries: list[dict], context: dict[str, Any], storage_optio
     for url in (base, context["errors_url"]):  # e.g. of a worker killed mid-shard and redone elsewhere
         remove_stale_temp_files(url, storage_options)
     manifest = build_manifest(summaries, context, data_files(base, storage_options))
+    manifest["drift"] = _drift(base, manifest["files"], context, storage_options)
     atomic_write_bytes(join(base, MANIFEST), json.dumps(manifest, indent=2).encode(), storage_options)
     atomic_write_bytes(join(base, SUCCESS), b"", storage_options)
     return manifest
+
+
+def _drift(base: str, files: list[str], context: dict[str, Any], storage_options: StorageOptions) -> dict:
+    """The ``drift`` section (pipeline.drift); a failure to compute it is recorded, never the run's."""
+    from pipeline.drift import partition_drift
+
+    try:
+        return partition_drift(base, files, context, storage_options)
+    except Exception as exc:  # drift must not cost the run its manifest and _SUCCESS
+        log.warning("%s: drift not computed: %s", base, exc)
+        return {"verdict": "skipped", "failed": [], "error": f"{type(exc).__name__}: {exc}"[:500]}
 
 
 def clear_success(partition_url: str, storage_options: StorageOptions = None) -> None:
@@ -79,6 +94,13 @@ def clear_success(partition_url: str, storage_options: StorageOptions = None) ->
     fs, path = fresh_fs(join(partition_url, SUCCESS), storage_options)
     if fs.exists(path):
         fs.rm(path)
+
+
+def add_to_manifest(partition_url: str, updates: dict, storage_options: StorageOptions = None) -> dict:
+    """Add ``updates`` (the driver's Beam metrics) to the partition's manifest, atomically; returns it."""
+    manifest = {**read_manifest(partition_url, storage_options), **updates}
+    atomic_write_bytes(join(partition_url, MANIFEST), json.dumps(manifest, indent=2).encode(), storage_options)
+    return manifest
 
 
 def read_manifest(partition_url: str, storage_options: StorageOptions = None) -> dict:

@@ -22,11 +22,12 @@ QUANTILES = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
 
 def fit_reference(model: VAE, images: np.ndarray | torch.Tensor, opts: ScoreOptions,
                   device: torch.device | str = "cpu",
-                  fit_fraction: float = 0.75) -> tuple[dict, dict[str, dict[str, float]]]:
+                  fit_fraction: float = 0.75) -> tuple[dict, dict[str, dict[str, float]], dict]:
     """Validation statistics stored in a checkpoint: the typicality reference (fitted on the first
-    ``fit_fraction`` of ``images``: its densities sharpen with more points) and the quantiles of
+    ``fit_fraction`` of ``images``: its densities sharpen with more points), the quantiles of
     every score (typicality's on the rest, so that its percentiles are not flattered by scoring
-    the reference's own points)."""
+    the reference's own points) and the :func:`embedding_stats` of every image (drift's
+    reference: pipeline.drift)."""
     base = score_all(model, images, ScoreOptions("complexity", opts.iwae_k, opts.seed, codec=opts.codec), device)
     iwae = score_all(model, images, ScoreOptions("iwae", opts.iwae_k, opts.seed), device)
     feats = np.stack([-base["elbo"] / LN2, base["code_bits"]], 1)
@@ -38,7 +39,14 @@ def fit_reference(model: VAE, images: np.ndarray | torch.Tensor, opts: ScoreOpti
     held = ref.score(feats[cut:], base["embedding"][cut:])
     tables = {"elbo": quantile_table(-base["elbo"]), "iwae": quantile_table(iwae["anomaly_score"]),
               "complexity": quantile_table(base["complexity"]), "typicality": quantile_table(held)}
-    return ref.to_dict(), tables
+    return ref.to_dict(), tables, embedding_stats(base["embedding"])
+
+
+def embedding_stats(embeddings: np.ndarray) -> dict:
+    """{"n", "mean", "cov"} of posterior means (N, D): the unbiased mean and covariance that
+    embed's drift check compares a partition's embeddings with."""
+    x = np.asarray(embeddings, dtype=np.float64)
+    return {"n": int(len(x)), "mean": x.mean(0).tolist(), "cov": np.cov(x, rowvar=False).reshape(x.shape[1], -1).tolist()}
 
 
 def quantile_table(scores: np.ndarray, quantiles: tuple[float, ...] = QUANTILES) -> dict[str, float]:

@@ -9,8 +9,9 @@ in full without paying for a torch import (about 1 s) or rebuilding the model.
 
 Two hashes seal what changes an output row: ``vaepipe.model_id`` the config and weights,
 ``vaepipe.calibration_id`` (:func:`calibration_id`) the score statistics in ``vaepipe.meta``
-(quantiles, their iwae_k, the typicality reference). Both are recomputed on every read and a
-mismatch is refused. They are checksums against edits and damage, not signatures: whoever can
+(quantiles, their iwae_k, the typicality reference, the validation embeddings' mean and
+covariance: drift's reference). Both are recomputed on every read and a mismatch is refused.
+They are checksums against edits and damage, not signatures: whoever can
 rewrite the file can recompute them. Statistics without a ``calibration_id`` (checkpoints of
 earlier versions) are refused too, since deleting the field would otherwise pass any edit;
 ``vaepipe calibrate`` refits and seals them. Every header field is checked against its schema
@@ -38,6 +39,9 @@ MAX_HEADER_BYTES = 64 << 20
 # The metadata besides the weights that changes a row: percentiles and is_anomaly come from the
 # quantiles, the typicality score from its reference. Sealed by vaepipe.calibration_id.
 CALIBRATION_FIELDS = ("score_quantiles", "score_quantiles_iwae_k", "typicality")
+# Sealed as well when present, left out of the hash when absent, so that the ids of checkpoints
+# calibrated before they existed do not change: ``embedding_stats`` (pipeline.drift's reference).
+OPTIONAL_CALIBRATION_FIELDS = ("embedding_stats",)
 RECALIBRATE = "run `vaepipe calibrate CHECKPOINT HELDOUT_DATA_URL` to refit them"
 
 # safetensors dtype code -> (torch dtype name as hashed by the model_id, bytes per element)
@@ -72,8 +76,9 @@ def calibration_id(meta: dict) -> str:
     recomputes it, and embed outputs record it as ``vaepipe.calibration`` (a rerun after a
     recalibration rescores instead of skipping)."""
     stats = {k: meta.get(k) for k in CALIBRATION_FIELDS}
-    if not any(stats.values()):
+    if not any(stats.values()) and not any(meta.get(k) is not None for k in OPTIONAL_CALIBRATION_FIELDS):
         return ""
+    stats.update({k: meta[k] for k in OPTIONAL_CALIBRATION_FIELDS if meta.get(k) is not None})
     return hashlib.sha256(json.dumps(stats, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -105,6 +110,24 @@ def _quantile_table(name: str, table: Any) -> None:
         raise ConfigError(f"{name} has no quantiles")
 
 
+def _embedding_stats(stats: Any, dim: int) -> None:
+    """:func:`vae_model.calibration.embedding_stats`: {"n": count >= 2, "mean": [dim], "cov": [[dim x dim]]}."""
+    if not isinstance(stats, dict):
+        raise ConfigError(f"embedding_stats must be a JSON object, not {type(stats).__name__}")
+    n = stats.get("n")
+    if not (_is_int(n) and n >= 2):
+        raise ConfigError(f"embedding_stats.n={repr(n)[:40]} must be a count >= 2")
+    for key, shape in (("mean", (dim,)), ("cov", (dim, dim))):
+        value = stats.get(key)
+        rows = value if len(shape) == 2 and isinstance(value, list) else [value]
+        ok = (isinstance(value, list) and len(value) == shape[0]
+              and all(isinstance(r, list) and len(r) == dim and all(
+                  not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) for v in r)
+                  for r in rows))
+        if not ok:
+            raise ConfigError(f"embedding_stats.{key} must be a {' x '.join(map(str, shape))} array of finite numbers")
+
+
 def validate_meta(meta: Any, config: VAEConfig) -> None:
     """Check the metadata fields scoring reads (:data:`CALIBRATION_FIELDS`) and the calibration
     record; raises a ConfigError naming the field. Other fields are descriptive and free-form."""
@@ -123,6 +146,8 @@ def validate_meta(meta: Any, config: VAEConfig) -> None:
         raise ConfigError(f"score_quantiles_iwae_k={repr(k)[:40]} must be an integer >= 1")
     if meta.get("typicality") is not None:
         TypicalityReference.from_dict(meta["typicality"], latent_dim=config.latent_dim)
+    if meta.get("embedding_stats") is not None:
+        _embedding_stats(meta["embedding_stats"], config.latent_dim)
     if meta.get("calibration") is not None and not isinstance(meta["calibration"], dict):
         raise ConfigError(f"calibration must be a JSON object, not {type(meta['calibration']).__name__}")
 
@@ -253,7 +278,8 @@ def _verified_calibration(meta: dict, recorded: str | None, source: str, verify:
     if verify:
         raise CheckpointError(why)
     log.warning("%s; dropping them", why.split(";")[0])
-    return {k: v for k, v in meta.items() if k not in (*CALIBRATION_FIELDS, "calibration")}, ""
+    dropped = (*CALIBRATION_FIELDS, *OPTIONAL_CALIBRATION_FIELDS, "calibration")
+    return {k: v for k, v in meta.items() if k not in dropped}, ""
 
 
 def read_checkpoint_bytes(url: str, storage_options: StorageOptions = None) -> bytes:
