@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from jobs.cli import cli
-from pipeline.drift import (DRIFT_EXIT_CODE, P_FAIL, embedding_shift, flagged_rate, partition_drift,
+from pipeline.drift import (DRIFT_EXIT_CODE, P_FAIL, embedding_shift, exit_status, flagged_rate, partition_drift,
                             percentile_uniform, previous_partition)
 from pipeline.idx import read_idx
 from pipeline.manifest import read_manifest
@@ -90,6 +90,14 @@ def test_previous_partition_is_the_latest_earlier_complete_one(tmp_path):
     assert previous_partition(str(tmp_path), "2026-01-04").endswith("dt=2026-01-02")
     assert previous_partition(str(tmp_path), "2026-01-01") is None
     assert previous_partition(str(tmp_path), None) is None
+
+
+def test_exit_status_is_3_only_when_asked_and_a_verdict_failed():
+    failed = {"drift": {"failed": ["embedding_shift"]}}
+    assert exit_status({**failed, "options": {"fail_on_drift": True}}) == DRIFT_EXIT_CODE == 3
+    assert exit_status({**failed, "options": {"fail_on_drift": False}}) == 0
+    assert exit_status({"drift": {"failed": []}, "options": {"fail_on_drift": True}}) == 0
+    assert exit_status({"options": {"fail_on_drift": True}}) == 0  # a manifest without drift (older run)
 
 
 # -- what calibration stores -----------------------------------------------------------------
