@@ -9,6 +9,9 @@ Same machine, same run, same checkpoint, same N images in the same tar shards:
   c   ``vaepipe embed`` on the DirectRunner, 2 worker processes (multi_processing), and 1 process
   d   stock Beam: one element per image through RunInference(PytorchModelHandlerTensor), then
       WriteToParquet (same runner flags as c-multi)
+  e   vaepipe's Beam building blocks: one element per image, ``ScoreImages`` (RunInference with
+      ``pipeline.handler.VAEModelHandler``: vaepipe's decode, rows and dead letters), then
+      WriteToParquet (same runner flags as c-multi)
 
 b and c also run against a SeaweedFS S3 server. c-multi (and b) run again at 10k and 100k images
 to show worker RSS is flat. Every variant is a child process: images/s is N / wall time of the
@@ -257,6 +260,32 @@ def child_stock(args, beam_args: list[str]) -> dict:
     return {"images": n, "work_s": secs}
 
 
+def child_handler(args, beam_args: list[str]) -> dict:
+    """(e) vaepipe's element-wise building blocks: shard records -> ScoreImages -> WriteToParquet."""
+    import apache_beam as beam
+    import pyarrow.parquet as pq
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.handler import ScoreImages, shard_records
+    from pipeline.schema import latent_schema
+    from pipeline.shards import expand_shards
+    from vae_model.checkpoint_header import inspect_checkpoint
+
+    schema = latent_schema(inspect_checkpoint(args.checkpoint).config.latent_dim)
+    t0 = time.perf_counter()
+    with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
+        rows, _ = (p
+                   | "Shards" >> beam.Create(expand_shards(args.data))
+                   | "Reshuffle" >> beam.Reshuffle()
+                   | "Records" >> beam.FlatMap(shard_records)
+                   | "Score" >> ScoreImages(args.checkpoint, max_batch_size=args.batch_size))
+        _ = rows | "Write" >> beam.io.WriteToParquet(args.out.rstrip("/") + "/part", schema,
+                                                     file_name_suffix=".parquet")
+    secs = time.perf_counter() - t0
+    n = sum(pq.ParquetFile(f).metadata.num_rows for f in Path(args.out).glob("part*.parquet"))
+    return {"images": n, "work_s": secs}
+
+
 # Pickled by value into Beam workers (this is __main__), so they must not use ``common``.
 import torch.nn as _nn  # noqa: E402
 
@@ -327,6 +356,9 @@ def command(variant: str, data: str, out: str, ck: str, bs: int, so_json: str | 
         flags = BEAM_MULTI if variant == "c-multi" else BEAM_SINGLE
         return [str(common.VENV_BIN / "vaepipe"), "embed", data, "--checkpoint", ck, "--out", out,
                 "--batch-size", str(bs), *so, *flags]
+    if variant == "e-multi":
+        return [*_me(), "child-handler", "--data", data, "--out", out, "--checkpoint", ck, "--batch-size", str(bs),
+                *BEAM_MULTI]
     if variant in ("d-multi", "d-multi-1t"):
         return [*_me(), "child-stock", "--data", data, "--out", out, "--checkpoint", ck, "--batch-size", str(bs),
                 *BEAM_MULTI]
@@ -444,6 +476,7 @@ def summarize(rows: list[dict], n: int) -> dict:
                              "c/a": ("c-multi@local", best), "c/a-1x2threads": ("c-multi@local", "a@local"),
                              "c/a-2x1thread": ("c-multi@local", "a-2proc@local"), "b/a": ("b@local", best),
                              "c-single/b": ("c-single@local", "b@local"),
+                             "c/e": ("c-multi@local", "e-multi@local"), "e/d": ("e-multi@local", "d-multi@local"),
                              "c/b s3": ("c-multi@s3", "b@s3"), "c/b-2proc s3": ("c-multi@s3", "b-2proc@s3"),
                              "c-single/b s3": ("c-single@s3", "b@s3")}.items():
             out["ratios"][f"{name} ({key})"] = ratio(x, y, key)
@@ -519,6 +552,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-s3", action="store_true")
     ap.add_argument("--variants", default=None, help="comma-separated subset of the local variants, e.g. c-multi,d-multi")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2000 images, 1 repeat, < 2 min")
+    ap.add_argument("--checkpoint", default=None, help="score with this checkpoint (default: the cached one, "
+                                                        "trained on first use)")
     ap.add_argument("--out", default=str(common.RESULTS / "throughput.json"))
     ap.add_argument("--resummarize", metavar="JSON", help="recompute the summary of an earlier results file")
     ap.add_argument("--append-local-into", metavar="JSON",
@@ -536,7 +571,7 @@ def main(argv: list[str] | None = None) -> None:
         args.images, args.rss_sizes, args.repeats, args.stock_repeats, args.s3_repeats = 2000, "1000", 1, 1, 1
         if args.out == str(common.RESULTS / "throughput.json"):
             args.out = str(common.RESULTS / "throughput-quick.json")
-    ck = str(common.ensure_checkpoint(quick=args.quick))
+    ck = args.checkpoint or str(common.ensure_checkpoint(quick=args.quick))
     n = args.images
     sizes = [int(s) for s in args.rss_sizes.split(",") if s]
     data = {size: str(common.image_set(size)) for size in [n, *sizes]}
@@ -550,7 +585,7 @@ def main(argv: list[str] | None = None) -> None:
         args.repeats, sizes = 0, []
     if args.append_local_into:
         sizes, args.no_s3 = [], True
-    local = ["a", "a-2proc", "b", "b-2proc", "c-multi", "c-single"][1 if args.quick else 0:]
+    local = ["a", "a-2proc", "b", "b-2proc", "c-multi", "c-single", "e-multi"][1 if args.quick else 0:]
     for rep in range(args.repeats):
         order = local + (["d-multi", "d-multi-1t"] if rep < args.stock_repeats else [])
         if args.variants:
@@ -604,7 +639,8 @@ def child_main(argv: list[str]) -> None:
     ap.add_argument("--storage-options")
     args, rest = ap.parse_known_args(argv[1:])
     res = {"child-model": lambda: child_model(args), "child-bare": lambda: child_bare(args),
-           "child-stock": lambda: child_stock(args, rest)}[mode]()
+           "child-stock": lambda: child_stock(args, rest),
+           "child-handler": lambda: child_handler(args, rest)}[mode]()
     print(json.dumps(res), flush=True)
 
 

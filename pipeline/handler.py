@@ -98,11 +98,13 @@ class VAEModelHandler(ModelHandler[Any, dict, Any]):
     checkpoint (it must exist and support ``score``).
     """
 
-    def __init__(self, checkpoint: str, score: str = "elbo", *, min_batch_size: int = 1,
+    def __init__(self, checkpoint: str, score: str = "elbo", *, min_batch_size: int | None = None,
                  max_batch_size: int = 256, large_model: bool = False, model_copies: int | None = None,
                  **options: Any) -> None:
-        super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size, large_model=large_model,
-                         model_copies=model_copies)
+        # min_batch_size defaults to max_batch_size: full batches (BatchElements' adaptive sizing,
+        # which starts at 1, halved the throughput: BENCHMARKS.md); a bundle's end still flushes.
+        super().__init__(min_batch_size=max_batch_size if min_batch_size is None else min_batch_size,
+                         max_batch_size=max_batch_size, large_model=large_model, model_copies=model_copies)
         self.opts = EmbedOptions(checkpoint=checkpoint, out_url="", score=score, batch_size=max_batch_size,
                                  **options)
         info = inspect_checkpoint(checkpoint, self.opts.storage_options)
