@@ -12,6 +12,8 @@ Same machine, same run, same checkpoint, same N images in the same tar shards:
   e   vaepipe's Beam building blocks: one element per image, ``ScoreImages`` (RunInference with
       ``pipeline.handler.VAEModelHandler``: vaepipe's decode, rows and dead letters), then
       WriteToParquet (same runner flags as c-multi)
+  c-none  ``vaepipe embed --score none`` as c-multi: the encoder only, no decoder, no likelihood
+      (target: >= 2.5x c-multi, which scores ``elbo``)
 
 b and c also run against a SeaweedFS S3 server. c-multi (and b) run again at 10k and 100k images
 to show worker RSS is flat. Every variant is a child process: images/s is N / wall time of the
@@ -37,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-TARGETS = {"c/b": 0.9, "c/d": 3.0, "c/a": 0.6, "worker_rss_mb": 1536}
+TARGETS = {"c/b": 0.9, "c/d": 3.0, "c/a": 0.6, "none/elbo": 2.5, "worker_rss_mb": 1536}
 
 
 # --------------------------------------------------------------------------- children (one per measurement)
@@ -353,9 +355,10 @@ def command(variant: str, data: str, out: str, ck: str, bs: int, so_json: str | 
         return [*_me(), "child-bare", "--data", data, "--out", out, "--checkpoint", ck, "--batch-size", str(bs),
                 "--procs", str(procs), "--threads", str(threads), *so]
     if variant.startswith("c"):
-        flags = BEAM_MULTI if variant == "c-multi" else BEAM_SINGLE
+        flags = BEAM_SINGLE if variant == "c-single" else BEAM_MULTI
+        score = ["--score", "none"] if variant == "c-none" else []
         return [str(common.VENV_BIN / "vaepipe"), "embed", data, "--checkpoint", ck, "--out", out,
-                "--batch-size", str(bs), *so, *flags]
+                "--batch-size", str(bs), *score, *so, *flags]
     if variant == "e-multi":
         return [*_me(), "child-handler", "--data", data, "--out", out, "--checkpoint", ck, "--batch-size", str(bs),
                 *BEAM_MULTI]
@@ -476,6 +479,7 @@ def summarize(rows: list[dict], n: int) -> dict:
                              "c/a": ("c-multi@local", best), "c/a-1x2threads": ("c-multi@local", "a@local"),
                              "c/a-2x1thread": ("c-multi@local", "a-2proc@local"), "b/a": ("b@local", best),
                              "c-single/b": ("c-single@local", "b@local"),
+                             "none/elbo": ("c-none@local", "c-multi@local"),
                              "c/e": ("c-multi@local", "e-multi@local"), "e/d": ("e-multi@local", "d-multi@local"),
                              "c/b s3": ("c-multi@s3", "b@s3"), "c/b-2proc s3": ("c-multi@s3", "b-2proc@s3"),
                              "c-single/b s3": ("c-single@s3", "b@s3")}.items():
@@ -490,6 +494,7 @@ def summarize(rows: list[dict], n: int) -> dict:
     for name, (x, y) in {"c/b": ("c-multi@local", "b@local"), "c/b-2proc": ("c-multi@local", "b-2proc@local"),
                          "c/d": ("c-multi@local", "d-multi@local"), "c/d-1t": ("c-multi@local", "d-multi-1t@local"),
                          "c/a-2x1thread": ("c-multi@local", "a-2proc@local"),
+                         "none/elbo": ("c-none@local", "c-multi@local"),
                          "c/a-1x2threads": ("c-multi@local", "a@local"),
                          "c/b s3": ("c-multi@s3", "b@s3"), "c/b-2proc s3": ("c-multi@s3", "b-2proc@s3")}.items():
         def runs(vs: str) -> dict:
@@ -499,7 +504,7 @@ def summarize(rows: list[dict], n: int) -> dict:
         rx, ry = runs(x), runs(y)
         per = [round(rx[k] / ry[k], 3) for k in sorted(rx) if k in ry]
         out["paired_ratios"][name] = {"per_repeat": per, "median": common.median(per)}
-    for name in ("c/b", "c/d", "c/a"):
+    for name in ("c/b", "c/d", "c/a", "none/elbo"):
         v = out["ratios"][f"{name} (img_s)"]
         out["targets"][name] = {"target": TARGETS[name], "value": v, "met": v is not None and v >= TARGETS[name]}
     v = out["ratios"]["c/b s3 (img_s)"]
@@ -585,7 +590,7 @@ def main(argv: list[str] | None = None) -> None:
         args.repeats, sizes = 0, []
     if args.append_local_into:
         sizes, args.no_s3 = [], True
-    local = ["a", "a-2proc", "b", "b-2proc", "c-multi", "c-single", "e-multi"][1 if args.quick else 0:]
+    local = ["a", "a-2proc", "b", "b-2proc", "c-multi", "c-none", "c-single", "e-multi"][1 if args.quick else 0:]
     for rep in range(args.repeats):
         order = local + (["d-multi", "d-multi-1t"] if rep < args.stock_repeats else [])
         if args.variants:
