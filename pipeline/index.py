@@ -47,7 +47,7 @@ ROW_FIELDS = pa.schema([("key", pa.string()), ("shard", pa.string()), ("index", 
                         ("anomaly_score", pa.float64())])
 
 
-class IndexError_(ConfigError):
+class VectorIndexError(ConfigError):
     """An index that cannot take these rows, or cannot be read (one line, says what to do)."""
 
 
@@ -77,9 +77,9 @@ class VectorIndex:
 
     def __init__(self, faiss_index: Any, metric: str, kind: str, rows: pa.Table, meta: dict[str, Any]) -> None:
         if metric not in METRICS:
-            raise IndexError_(f"--metric {metric}: choose one of {', '.join(METRICS)}")
+            raise VectorIndexError(f"--metric {metric}: choose one of {', '.join(METRICS)}")
         if kind not in KINDS:
-            raise IndexError_(f"--kind {kind}: choose one of {', '.join(KINDS)}")
+            raise VectorIndexError(f"--kind {kind}: choose one of {', '.join(KINDS)}")
         self.faiss_index, self.metric, self.kind, self.meta = faiss_index, metric, kind, meta
         self._rows = rows
         self._cols = {name: rows.column(name).to_pylist() for name in rows.column_names}
@@ -121,7 +121,7 @@ class VectorIndex:
         n = len(keys)
         vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(n, -1)
         if n and vectors.shape[1] != self.dim:
-            raise IndexError_(f"vectors have {vectors.shape[1]} dimensions; the index holds {self.dim}")
+            raise VectorIndexError(f"vectors have {vectors.shape[1]} dimensions; the index holds {self.dim}")
         seen: set[str] = set()
         take = []
         for i, k in enumerate(keys):
@@ -153,7 +153,7 @@ class VectorIndex:
     def vector(self, key: str) -> np.ndarray:
         """The stored vector of ``key`` (unit length under cosine)."""
         if key not in self._position:
-            raise IndexError_(f"key {key!r} is not in the index")
+            raise VectorIndexError(f"key {key!r} is not in the index")
         return self.faiss_index.reconstruct(self._position[key])
 
     # -- queries -------------------------------------------------------------------------
@@ -193,7 +193,7 @@ def read_sidecar(index_url: str, storage_options: StorageOptions = None) -> dict
         return None
     meta = json.loads(read_bytes(url, storage_options))
     if meta.get("format") != FORMAT:
-        raise IndexError_(f"{url}: not a vaepipe index (format {meta.get('format')!r}, expected {FORMAT})")
+        raise VectorIndexError(f"{url}: not a vaepipe index (format {meta.get('format')!r}, expected {FORMAT})")
     return meta
 
 
@@ -201,7 +201,7 @@ def load_index(index_url: str, storage_options: StorageOptions = None) -> Vector
     """The index stored at ``index_url`` (:func:`save_index`'s folder)."""
     meta = read_sidecar(index_url, storage_options)
     if meta is None:
-        raise IndexError_(f"{index_url}: no index here ({SIDECAR} missing); build one with vaepipe index")
+        raise VectorIndexError(f"{index_url}: no index here ({SIDECAR} missing); build one with vaepipe index")
     faiss = _faiss()
     raw = read_bytes(join(index_url, meta["files"]["vectors"]), storage_options)
     index = faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8))
@@ -209,7 +209,7 @@ def load_index(index_url: str, storage_options: StorageOptions = None) -> Vector
         index.hnsw.efSearch = HNSW_EF_SEARCH
     rows = pq.read_table(io.BytesIO(read_bytes(join(index_url, meta["files"]["rows"]), storage_options)))
     if rows.num_rows != index.ntotal or rows.num_rows != meta["count"]:
-        raise IndexError_(f"{index_url}: the index holds {index.ntotal} vectors, its rows file {rows.num_rows} and its "
+        raise VectorIndexError(f"{index_url}: the index holds {index.ntotal} vectors, its rows file {rows.num_rows} and its "
                           f"sidecar says {meta['count']}; rebuild it")
     return VectorIndex(index, meta["metric"], meta["kind"], rows.cast(ROW_FIELDS), meta)
 
@@ -249,7 +249,7 @@ def partitions(latents_url: str, run_date: str | None = None, storage_options: S
         dt.date.fromisoformat(run_date)
         part = join(latents_url, f"dt={run_date}")
         if not exists(join(part, SUCCESS), storage_options):
-            raise IndexError_(f"{part}: no complete embed partition here ({SUCCESS} missing)")
+            raise VectorIndexError(f"{part}: no complete embed partition here ({SUCCESS} missing)")
         return [part]
     fs, path = fresh_fs(latents_url, storage_options)
     found = [latents_url] if fs.exists(join(path, SUCCESS)) else []
@@ -258,7 +258,7 @@ def partitions(latents_url: str, run_date: str | None = None, storage_options: S
         if name.startswith("dt=") and fs.exists(join(p, SUCCESS)):
             found.append(join(latents_url, name))
     if not found:
-        raise IndexError_(f"{latents_url}: no complete embed partitions (dt=*/{SUCCESS}) found")
+        raise VectorIndexError(f"{latents_url}: no complete embed partitions (dt=*/{SUCCESS}) found")
     return found
 
 
@@ -282,7 +282,7 @@ def build_index(latents_url: str, index_url: str, metric: str | None = None, kin
     if existing is not None:
         for name, want in (("metric", metric), ("kind", kind)):
             if want is not None and want != existing[name]:
-                raise IndexError_(f"{index_url} is a {existing[name]} index; --{name} {want} needs a new index "
+                raise VectorIndexError(f"{index_url} is a {existing[name]} index; --{name} {want} needs a new index "
                                   f"(another --out)")
         index = load_index(index_url, storage_options)
     else:
@@ -308,13 +308,13 @@ def build_index(latents_url: str, index_url: str, metric: str | None = None, kin
                                                     "size": config.get("image_size")},
                                           "partitions": []})
         elif model_id != index.meta["model_id"]:
-            raise IndexError_(f"{part}: rows of model {model_id}, but {index_url} holds model "
+            raise VectorIndexError(f"{part}: rows of model {model_id}, but {index_url} holds model "
                               f"{index.meta['model_id']}: a new model needs a new index (another --out)")
         else:
             table = _read_rows(part, manifest, storage_options)
         ids = set(table.column("model_id").unique().to_pylist()) if table.num_rows else set()
         if ids - {index.meta["model_id"]}:
-            raise IndexError_(f"{part}: rows of model {sorted(ids - {index.meta['model_id']})[0]}, but {index_url} "
+            raise VectorIndexError(f"{part}: rows of model {sorted(ids - {index.meta['model_id']})[0]}, but {index_url} "
                               f"holds model {index.meta['model_id']}: a new model needs a new index (another --out)")
         vectors = np.asarray(table.column("embedding").combine_chunks().flatten(), dtype=np.float32)
         n = index.add(table.column("key").to_pylist(), vectors.reshape(table.num_rows, -1),

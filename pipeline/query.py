@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.index import Hit, IndexError_, VectorIndex
+from pipeline.index import Hit, VectorIndexError, VectorIndex
 from vae_model.storage import StorageOptions
 
 
@@ -48,10 +48,10 @@ class SearchableIndex:
             from vae_model.checkpoint import load_checkpoint
 
             if not self.checkpoint_url:
-                raise IndexError_("the index does not name its checkpoint; pass --checkpoint")
+                raise VectorIndexError("the index does not name its checkpoint; pass --checkpoint")
             ckpt = load_checkpoint(self.checkpoint_url, self.storage_options)
             if ckpt.model_id != self.index.meta.get("model_id"):
-                raise IndexError_(f"{self.checkpoint_url} is model {ckpt.model_id}, but the index holds model "
+                raise VectorIndexError(f"{self.checkpoint_url} is model {ckpt.model_id}, but the index holds model "
                                   f"{self.index.meta.get('model_id')}: query with the model that wrote it")
             self._ckpt = ckpt
         return self._ckpt
@@ -89,11 +89,11 @@ def stored_images(hits: Sequence[Hit], channels: int, size: int, storage_options
         specs = [s for s in expand_shards(name, storage_options) if s.name == name] or \
                 [s for s in expand_shards(name.rsplit("/", 1)[0], storage_options) if s.name == name]
         if not specs:
-            raise IndexError_(f"shard {name} of the index's rows is gone")
+            raise VectorIndexError(f"shard {name} of the index's rows is gone")
         for m in iter_members(specs[0], storage_options):
             if m.key in members and m.data is not None:
                 out[members[m.key]] = decode_image(m.data, channels, size)
     missing = [hits[i].key for i, x in enumerate(out) if x is None]
     if missing:
-        raise IndexError_(f"{missing[0]}: not found in its shard any more ({len(missing)} missing)")
+        raise VectorIndexError(f"{missing[0]}: not found in its shard any more ({len(missing)} missing)")
     return out  # type: ignore[return-value]

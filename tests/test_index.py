@@ -14,7 +14,7 @@ from PIL import Image
 
 from jobs.cli import cli
 from pipeline import build_index, open_index
-from pipeline.index import SIDECAR, IndexError_
+from pipeline.index import SIDECAR, VectorIndexError
 from pipeline.options import EmbedOptions
 from pipeline.run import run_embed
 from vae_model.checkpoint import load_checkpoint, save_checkpoint
@@ -78,7 +78,7 @@ def test_another_model_is_refused_with_one_line(latents, fashion_shards, tiny_ch
     save_checkpoint(ckpt.model, str(other), ckpt.meta)
     run_embed(str(fashion_shards), EmbedOptions(str(other), str(latents), run_date="2026-11-09"))
     try:
-        with pytest.raises(IndexError_, match="a new model needs a new index"):
+        with pytest.raises(VectorIndexError, match="a new model needs a new index"):
             build_index(str(latents), index_url)
         res = CliRunner().invoke(cli, ["index", str(latents), "--out", index_url, "--run-date", "2026-11-09"])
         assert res.exit_code == 1 and "a new model needs a new index" in res.output
