@@ -42,7 +42,7 @@ KINDS = ("flat", "hnsw")  # flat: exact scan; hnsw: graph, approximate (BENCHMAR
 # HNSW parameters, chosen with benchmarks/index_scale.py (recall@10 and queries/s at 1M x 32).
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 64
-HNSW_EF_SEARCH = 128
+HNSW_EF_SEARCH = 256  # recall@10 0.95 at 1M x 32 N(0, I): BENCHMARKS.md, "Vector index"
 ROW_FIELDS = pa.schema([("key", pa.string()), ("shard", pa.string()), ("index", pa.int64()), ("label", pa.int64()),
                         ("anomaly_score", pa.float64())])
 
