@@ -48,7 +48,7 @@ SUPPORTED_EXTS: tuple[str, ...] = ("png", "jpg", "jpeg", "webp", "bmp")
 
 _ALPHA_MODES = {"RGBA": "RGBA", "RGBa": "RGBA", "LA": "LA", "La": "LA", "PA": "RGBA"}
 _INT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-_DRAFT_FACTOR = 4  # JPEG draft keeps >= 4x the target side: 2x moved photos by up to 51 levels, 4x by 26
+_DRAFT_FACTOR = 4  # JPEG draft keeps >= 4x the target side (the row differences it costs: BENCHMARKS.md)
 
 
 class ImageTooLargeError(ImageDecodeError):
