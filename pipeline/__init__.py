@@ -7,16 +7,10 @@ Package-level API (imported on first use, so ``import pipeline`` stays light):
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from vae_model.exports import lazy_exports
 
 _EXPORTS = {"build_index": "index", "open_index": "index"}
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -5,8 +5,7 @@ Names are imported on first use, so that ``import vae_model.errors`` (the CLI) o
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .exports import lazy_exports
 
 _EXPORTS = {
     "Checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
@@ -19,9 +18,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'vae_model' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)
