@@ -48,13 +48,14 @@ class EmbedOptions:
     precision: str = "auto"  # auto | fp32 | bf16
     torch_threads: int = 0  # 0: torch's default
     seed: int = 0
+    storage_options: dict[str, Any] | None = None
+    # Added since: keyword use only (the fields above keep their positions).
     mode: str = "refuse"  # refuse | append | overwrite: what to do with a partition that holds other shards' rows
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images (width x height) become dead letters
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES  # larger encoded images become dead letters
     max_sidecar_bytes: int = DEFAULT_MAX_SIDECAR_BYTES  # larger .json/.cls sidecars become dead letters
     fail_on_drift: bool = False  # exit status 3 (pipeline.drift.DRIFT_EXIT_CODE) when a drift verdict fails
     report: bool = True  # write PARTITION/_report.html (pipeline.report) after the manifest
-    storage_options: dict[str, Any] | None = None
     # Set by the driver for its workers (not user options): the output lease this run holds and
     # the driver process, so that workers stop when their driver is gone (pipeline.lease).
     lease_owner: str | None = None
