@@ -36,7 +36,7 @@ from vae_model.config import NO_SCORE
 from vae_model.errors import ImageDecodeError
 from vae_model.runtime import release_memory
 from vae_model.scoring import ScoreOptions, for_scoring, score_batch
-from vae_model.storage import fresh_fs, join
+from vae_model.storage import join, remove_if_exists
 
 log = logging.getLogger(__name__)
 
@@ -285,9 +285,7 @@ class ShardEmbedder:
     def _write_errors(self, spec: ShardSpec, errors: list[dict]) -> None:
         url = self.errors_url(spec)
         if not errors:
-            fs, path = fresh_fs(url, self.opts.storage_options)
-            if fs.exists(path):  # a stale dead-letter file from an earlier run of a changed shard
-                fs.rm(path)
+            remove_if_exists(url, self.opts.storage_options)  # stale dead letters of an earlier run of the shard
             return
         w = AtomicParquetWriter(url, ERROR_SCHEMA, self.opts.storage_options)
         w.write(pa.RecordBatch.from_pylist(errors, schema=ERROR_SCHEMA))

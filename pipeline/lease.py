@@ -28,7 +28,7 @@ import uuid
 from typing import Any
 
 from vae_model.errors import StorageError, VaePipeError
-from vae_model.storage import StorageOptions, describe_storage_error, fresh_fs, is_local, join
+from vae_model.storage import StorageOptions, describe_storage_error, fresh_fs, is_local, join, remove_if_exists
 
 log = logging.getLogger(__name__)
 
@@ -166,13 +166,7 @@ class Lease:
             raise StorageError(describe_storage_error(self.url, exc)) from None
 
     def _remove(self) -> None:
-        fs, path = fresh_fs(self.url, self.so)
-        try:
-            fs.rm(path)
-        except FileNotFoundError:
-            pass
-        except Exception as exc:  # storage backends raise many types
-            raise StorageError(describe_storage_error(self.url, exc)) from None
+        remove_if_exists(self.url, self.so)
 
     def acquire(self) -> "Lease":
         self._acquired_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

@@ -9,7 +9,7 @@ from typing import Any
 from pipeline.lease import RunAbandonedError, read_lease
 from pipeline.partition import data_files, delete_files
 from pipeline.writer import remove_stale_temp_files
-from vae_model.storage import StorageOptions, atomic_write_bytes, fresh_fs, join
+from vae_model.storage import StorageOptions, atomic_write_bytes, fresh_fs, join, remove_if_exists
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +91,7 @@ def _drift(base: str, files: list[str], context: dict[str, Any], storage_options
 
 def clear_success(partition_url: str, storage_options: StorageOptions = None) -> None:
     """Remove ``_SUCCESS`` before a rerun, so a half-done rerun never looks complete."""
-    fs, path = fresh_fs(join(partition_url, SUCCESS), storage_options)
-    if fs.exists(path):
-        fs.rm(path)
+    remove_if_exists(join(partition_url, SUCCESS), storage_options)
 
 
 def add_to_manifest(partition_url: str, updates: dict, storage_options: StorageOptions = None) -> dict:

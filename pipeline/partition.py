@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass, field
 
 from vae_model.errors import StorageError, VaePipeError
-from vae_model.storage import StorageOptions, describe_storage_error, fresh_fs, join
+from vae_model.storage import StorageOptions, describe_storage_error, fresh_fs, join, remove_if_exists
 
 from .writer import read_metadata
 
@@ -87,11 +87,5 @@ def plan_partition(partition_url: str, inputs: set[str], mode: str, key: str, mo
 def delete_files(urls: list[str], storage_options: StorageOptions = None) -> None:
     """Delete output files (missing ones are fine: a rerun of an interrupted overwrite)."""
     for url in urls:
-        fs, path = fresh_fs(url, storage_options)
-        try:
-            fs.rm(path)
-        except FileNotFoundError:
-            continue
-        except Exception as exc:  # storage backends raise many types
-            raise StorageError(describe_storage_error(url, exc)) from None
-        log.info("deleted %s (--mode overwrite)", url)
+        if remove_if_exists(url, storage_options):
+            log.info("deleted %s (--mode overwrite)", url)

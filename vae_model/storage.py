@@ -178,3 +178,16 @@ def exists(url: str, storage_options: StorageOptions = None) -> bool:
         return fs.exists(path)
     except Exception as exc:
         raise StorageError(describe_storage_error(url, exc)) from None
+
+
+def remove_if_exists(url: str, storage_options: StorageOptions = None) -> bool:
+    """Delete the file at ``url`` if it is there (looked up past any cached listing: another
+    process may have written or removed it); returns whether one was deleted."""
+    fs, path = fresh_fs(url, storage_options)
+    try:
+        fs.rm(path)
+    except FileNotFoundError:
+        return False
+    except Exception as exc:  # storage backends raise many types
+        raise StorageError(describe_storage_error(url, exc)) from None
+    return True
