@@ -169,7 +169,8 @@ def output_name(spec: ShardSpec) -> str:
 ROW_NEUTRAL_OPTIONS = frozenset({"checkpoint", "out_url", "batch_size", "device", "skip_existing", "torch_threads",
                                  "storage_options", "mode", "lease_owner", "driver", "fail_on_drift",
                                  "report"})
-SCORE_VERSION = "1"  # bump when a score's computation changes: outputs written before are then redone
+SCORE_VERSION = "2"  # bump when a score's computation changes: outputs written before are then redone
+# 2: on-device pixel hash and counter-based noise (vae_model.noise), replacing blake2b + numpy generators
 
 
 def output_key(opts: EmbedOptions, model_id: str, calibration: str, precision: str) -> tuple[str, dict]:

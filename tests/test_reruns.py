@@ -75,6 +75,24 @@ def test_changed_threshold_or_precision_is_recomputed_not_skipped(fashion_shards
     assert m["totals"]["shards_skipped"] == 3  # same settings again: skipped
 
 
+def test_rows_of_an_older_score_version_are_recomputed_not_skipped(fashion_shards, tiny_checkpoint, tmp_path,
+                                                                  monkeypatch):
+    """Rows written by the scoring before the on-device noise (score version 1) hold other
+    scores: skip-existing must redo them, then skip its own."""
+    from pipeline import options
+
+    assert options.SCORE_VERSION != "1"
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(options, "SCORE_VERSION", "1")  # what the scoring before this version wrote
+        run_embed(str(fashion_shards), EmbedOptions(tiny_checkpoint, str(out)))
+    assert len(list(out.glob("*.parquet"))) == 3
+    m = run_embed(str(fashion_shards), EmbedOptions(tiny_checkpoint, str(out)))
+    assert m["totals"]["shards_skipped"] == 0 and m["totals"]["rows"] == 600
+    m = run_embed(str(fashion_shards), EmbedOptions(tiny_checkpoint, str(out)))
+    assert m["totals"]["shards_skipped"] == 3
+
+
 def test_a_partition_never_mixes_runs(fashion_shards, mnist_shards, tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     run_embed(str(fashion_shards), EmbedOptions(tiny_checkpoint, str(out)))

@@ -68,3 +68,53 @@ def test_moved_names_still_import_from_their_old_modules():
         assert getattr(model, name) is getattr(noise, name)
     with pytest.raises(AttributeError):
         scoring.no_such_name  # noqa: B018
+
+
+def test_rows_agree_across_batch_sizes_and_threads(tiny_checkpoint, images):
+    """The on-device pixel hash and counter-based noise (issue 13): a row depends on the image alone."""
+    import torch
+
+    model = load_checkpoint(tiny_checkpoint).model
+    x = images[0][:256]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref = score_all(model, x, ScoreOptions("elbo"), batch_size=256)
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            for bs in (1, 7, 64, 256):
+                out = score_all(model, x, ScoreOptions("elbo"), batch_size=bs)
+                np.testing.assert_allclose(out["embedding"], ref["embedding"], rtol=0, atol=1e-5)
+                np.testing.assert_allclose(out["elbo"], ref["elbo"], rtol=1e-6)
+                np.testing.assert_allclose(out["kl"], ref["kl"], rtol=0, atol=1e-4)  # float32 from the encoder
+    finally:
+        torch.set_num_threads(threads)
+    assert ref["embedding"].dtype == np.float32 and ref["elbo"].dtype == np.float64
+
+
+def test_string_keys_and_hashes_seed_the_same_noise(tiny_checkpoint, images):
+    from vae_model.noise import pixel_hash
+    from vae_model.scoring import score_batch
+
+    model = load_checkpoint(tiny_checkpoint).model
+    x = images[0][:8]
+    by_pixels = score_batch(model, x, None, ScoreOptions("elbo"))
+    by_hash = score_batch(model, x, pixel_hash(x), ScoreOptions("elbo"))
+    np.testing.assert_array_equal(by_pixels["elbo"], by_hash["elbo"])
+    by_name = score_batch(model, x, [f"k{i}" for i in range(8)], ScoreOptions("elbo"))
+    assert not np.allclose(by_name["elbo"], by_pixels["elbo"])  # another key: other noise
+    np.testing.assert_allclose(by_name["embedding"], by_pixels["embedding"])  # the mean needs no noise
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device")
+def test_cuda_rows_match_cpu_rows(tiny_checkpoint, images):
+    from vae_model.scoring import for_scoring
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    x = images[0][:300]
+    cpu = score_all(for_scoring(ckpt.model, "cpu"), x, ScoreOptions("iwae", iwae_k=8))
+    gpu = score_all(for_scoring(load_checkpoint(tiny_checkpoint).model, "cuda"), x, ScoreOptions("iwae", iwae_k=8),
+                    device="cuda", batch_size=128)
+    np.testing.assert_allclose(gpu["embedding"], cpu["embedding"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(gpu["elbo"], cpu["elbo"], rtol=1e-6)
+    np.testing.assert_allclose(gpu["iwae_nll"], cpu["iwae_nll"], rtol=1e-6)

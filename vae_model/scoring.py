@@ -11,8 +11,9 @@ Scores (higher = more anomalous):
                   plus the -log nearest-neighbour density of the posterior mean among the validation
                   images' posterior means; the reference is stored in the checkpoint (see
                   :mod:`vae_model.typicality`).
-The noise for each image is seeded by a hash of its pixels (:mod:`vae_model.noise`), so a score
-depends on the image alone: not on batch size, worker, runner or where the shard is stored.
+The noise for each image is keyed by a 64-bit hash of its pixels, both computed on the batch's
+device by integer arithmetic (:mod:`vae_model.noise`), so a score depends on the image alone:
+not on batch size, worker, runner, device or where the shard is stored.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from .config import EMBED_SCORES, NO_SCORE
 from .device import autocast
 from .losses import LN2
 from .model import VAE
-from .noise import iwae_noise_for_keys, noise_for_keys, pixel_ids
+from .noise import hash_noise, key_hashes, pixel_hash, pixel_ids  # noqa: F401  (pixel_ids: re-exported)
 from .runtime import tune_allocator
 from .typicality import TypicalityReference, required_reference
 
@@ -94,13 +95,29 @@ def for_scoring(model: VAE, device: torch.device | str = "cpu", precision: str =
     return model.to(device, memory_format=torch.channels_last).eval()
 
 
+def to_device(images: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 images as a tensor on ``device``: from a pinned host buffer with a non-blocking copy
+    when a CPU batch goes to a GPU (torch's caching host allocator reuses the pinned blocks and
+    keeps each one until its copy is done), as it is on the CPU (no copy)."""
+    x = torch.as_tensor(images)
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+_STATS = ("elbo", "recon_nll", "kl", "bits_per_dim")
+
+
 @torch.no_grad()
-def score_batch(model: VAE, images: np.ndarray | torch.Tensor, keys: list[str] | None,
+def score_batch(model: VAE, images: np.ndarray | torch.Tensor, keys: list[str] | torch.Tensor | None,
                 opts: ScoreOptions, device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
     """Score a batch of uint8 images (B, C, H, W).
 
-    ``keys`` seed each image's noise; ``None`` (the pipeline's choice) derives them from the pixels.
-    The likelihood is summed in float64, so scores agree to ~1e-6 relative whatever the batch.
+    ``keys`` seed each image's noise: strings (hashed by :func:`vae_model.noise.key_hashes`),
+    int64 hashes, or ``None`` (the pipeline's choice): the pixels' hashes
+    (:func:`vae_model.noise.pixel_hash`), computed on ``device`` like the noise itself. The
+    likelihood is summed in float64 on the device, so scores agree to ~1e-6 relative whatever the
+    batch; the scores come back to the host in one copy.
 
     Returns numpy arrays: ``embedding`` (B, D) float32 and (B,) float64 ``elbo`` (the ELBO, nats,
     negative), ``recon_nll``, ``kl``, ``bits_per_dim``, ``anomaly_score`` and, when computed,
@@ -108,31 +125,27 @@ def score_batch(model: VAE, images: np.ndarray | torch.Tensor, keys: list[str] |
     With ``score="none"`` only ``embedding`` (the posterior mean: the encoder alone runs).
     """
     device = torch.device(device)
-    x = torch.as_tensor(images).to(device, non_blocking=True)
+    x = to_device(images, device)
+    if opts.score != NO_SCORE:  # before NHWC: the hash reads the (C, H, W) order, no copy
+        hashes = (pixel_hash(x) if keys is None else keys.to(device) if isinstance(keys, torch.Tensor)
+                  else key_hashes(keys, device))
     if next(model.parameters()).is_contiguous(memory_format=torch.channels_last) and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)  # match a model moved to NHWC
     if opts.score == NO_SCORE:  # the encoder alone: no noise, no decoder, no likelihood
         with autocast(device, opts.precision):
             mean = model.encode(model.prepare(x)[0]).mean
-        return {"embedding": mean.float().cpu().numpy().astype(np.float32)}
-    if keys is None:
-        keys = pixel_ids(images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images))
+        return {"embedding": mean.float().cpu().numpy()}
     d = model.cfg.latent_dim
-    eps = noise_for_keys(keys, (d,), opts.seed).to(device)
+    eps = hash_noise(hashes, d, opts.seed)[0]  # (B, D): sample 0 of each image's stream
     with autocast(device, opts.precision):
         terms = model.elbo(x, eps=eps, precise=True)
-    out = {
-        "embedding": terms.mean.float().cpu().numpy().astype(np.float32),
-        "elbo": (-terms.neg_elbo).double().cpu().numpy(),
-        "recon_nll": terms.recon_nll.double().cpu().numpy(),
-        "kl": terms.kl.double().cpu().numpy(),
-        "bits_per_dim": terms.bits_per_dim.double().cpu().numpy(),
-    }
+    stats = torch.stack([-terms.neg_elbo, terms.recon_nll, terms.kl, terms.bits_per_dim]).double().cpu().numpy()
+    out = {"embedding": terms.mean.float().cpu().numpy(), **dict(zip(_STATS, stats))}  # (4, B): one copy
     if opts.score == "elbo":
         out["anomaly_score"] = -out["elbo"]
     elif opts.score == "iwae":
         def eps_k(start: int, n: int) -> torch.Tensor:  # one chunk of noise at a time, whatever k is
-            return iwae_noise_for_keys(keys, d, opts.seed + 1, start, n)
+            return hash_noise(hashes, d, opts.seed + 1, start, n)
 
         with autocast(device, opts.precision):
             ll = model.iwae(x, opts.iwae_k, eps=eps_k, precise=True)
