@@ -15,6 +15,7 @@ from typing import Any, Callable
 import click
 
 from jobs.log_format import LOG_FORMATS, TEXT_FORMAT, formatter
+from vae_model.config import ARCHS, LIKELIHOODS
 from vae_model.device import PRECISIONS
 from vae_model.errors import VaePipeError, worker_failure
 from vae_model.runtime import skip_exit_gc
@@ -144,11 +145,16 @@ def shards(source: str, out_url: str, fmt: str, shard_size: int, limit: int | No
 @click.option("--time-limit", type=float, default=None, help="Stop after this many seconds (resumable).")
 @click.option("--image-size", default=28, show_default=True, help="Images are resized/cropped to this square size.")
 @click.option("--channels", type=click.IntRange(1, 3), default=1, show_default=True, help="1 (grayscale) or 3 (RGB).")
-@click.option("--latent-dim", default=32, show_default=True)
+@click.option("--latent-dim", type=int, default=None, help="Size of z (default: 32; 128 for RGB at 32 px and up).")
 @click.option("--widths", default=None, help="Conv channels per level, comma separated (default by image size).")
-@click.option("--hidden-dim", default=256, show_default=True)
-@click.option("--likelihood", type=click.Choice(["discretized_logistic", "bernoulli"]), default="discretized_logistic",
-              show_default=True, help="Pixel model: 8-bit discretized logistic, or Bernoulli (dynamic binarisation).")
+@click.option("--hidden-dim", type=int, default=None, help="Fully connected layer size (default: 256; 512 for RGB photos).")
+@click.option("--likelihood", type=click.Choice(LIKELIHOODS), default=None,
+              help="Pixel model: discretized_logistic (default for greyscale), logistic_mixture (channel-coupled "
+                   "mixture, default for RGB at 32 px and up), or bernoulli (dynamic binarisation).")
+@click.option("--arch", type=click.Choice(ARCHS), default=None,
+              help="Conv trunk: plain (default) or resnet (GroupNorm residual blocks).")
+@click.option("--blocks", type=click.IntRange(1, 8), default=None, help="Residual blocks per level (resnet; default 1).")
+@click.option("--mixtures", type=click.IntRange(1, 32), default=None, help="Logistic components (logistic_mixture; default 5).")
 @click.option("--beta", default=1.0, show_default=True, help="KL weight (1.0 = true ELBO).")
 @click.option("--kl-warmup-steps", default=1000, show_default=True)
 @click.option("--batch-size", default=128, show_default=True)
@@ -170,8 +176,9 @@ def shards(source: str, out_url: str, fmt: str, shard_size: int, limit: int | No
 @storage_option
 @handle_errors
 def train(data_url: str, out: str, val_url: str | None, val_fraction: float, epochs: int, time_limit: float | None,
-          image_size: int, channels: int, latent_dim: int, widths: str | None, hidden_dim: int, likelihood: str,
-          beta: float, kl_warmup_steps: int, batch_size: int, lr: float, lr_schedule: str, cache_mb: int,
+          image_size: int, channels: int, latent_dim: int | None, widths: str | None, hidden_dim: int | None,
+          likelihood: str | None, arch: str | None, blocks: int | None, mixtures: int | None, beta: float,
+          kl_warmup_steps: int, batch_size: int, lr: float, lr_schedule: str, cache_mb: int,
           grad_clip: float, grad_clip_factor: float, patience: int, seed: int, num_workers: int, precision: str,
           resume: bool, quiet: bool, storage_options: str | None) -> None:
     """Train a VAE on the shards at DATA_URL; write the best checkpoint to --out.
@@ -189,8 +196,10 @@ def train(data_url: str, out: str, val_url: str | None, val_fraction: float, epo
 
     if channels == 2:
         raise click.BadParameter("use 1 (grayscale) or 3 (RGB)", param_hint="--channels")
-    model: dict[str, Any] = dict(image_size=image_size, channels=channels, latent_dim=latent_dim,
-                                 hidden_dim=hidden_dim, likelihood=likelihood, beta=beta)
+    model: dict[str, Any] = dict(image_size=image_size, channels=channels, beta=beta)
+    given = dict(latent_dim=latent_dim, hidden_dim=hidden_dim, likelihood=likelihood, arch=arch, blocks=blocks,
+                 mixtures=mixtures)
+    model.update({k: v for k, v in given.items() if v is not None})  # the rest: VAEConfig.default_for
     if widths:
         try:
             model["widths"] = tuple(int(w) for w in widths.split(","))

@@ -31,3 +31,10 @@ def test_unknown_fields_are_refused():
 def test_default_architectures_cover_supported_sizes(size, channels):
     cfg = VAEConfig.default_for(size, channels)
     assert cfg.image_size % 2 ** len(cfg.widths) == 0
+
+
+@pytest.mark.parametrize("kwargs, needle", [(dict(arch="vit"), "arch="), (dict(blocks=0), "blocks="),
+                                            (dict(mixtures=0), "mixtures="), (dict(likelihood="gauss"), "likelihood=")])
+def test_photo_fields_are_checked(kwargs, needle):
+    with pytest.raises(ConfigError, match=needle):
+        VAEConfig(**kwargs)

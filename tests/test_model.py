@@ -118,3 +118,66 @@ def test_precise_scoring_is_float64_and_matches():
         b = m.elbo(x, eps=eps, precise=True).neg_elbo
     assert b.dtype == torch.float64
     torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-3)
+
+
+def _photo_model(**kw):
+    torch.manual_seed(0)
+    base = dict(latent_dim=8, hidden_dim=32, widths=(8, 16), mixtures=3)
+    base.update(kw)
+    return VAE(VAEConfig.default_for(32, 3, **base)).eval()
+
+
+def test_rgb_photo_defaults_are_the_residual_trunk_with_the_coupled_mixture():
+    cfg = VAEConfig.default_for(32, 3)
+    assert (cfg.arch, cfg.likelihood, cfg.latent_dim) == ("resnet", "logistic_mixture", 128)
+    grey = VAEConfig.default_for(28, 1)
+    assert (grey.arch, grey.likelihood, grey.latent_dim) == ("plain", "discretized_logistic", 32)
+    old = VAEConfig().to_dict()
+    for name in ("arch", "blocks", "mixtures"):  # a checkpoint written before these fields existed
+        old.pop(name)
+    assert VAEConfig.from_dict(old).arch == "plain"
+
+
+@pytest.mark.parametrize("arch, likelihood", [("resnet", "logistic_mixture"), ("resnet", "discretized_logistic"),
+                                              ("plain", "logistic_mixture")])
+def test_photo_architectures_score_sample_and_chunk_iwae(arch, likelihood):
+    m = _photo_model(arch=arch, likelihood=likelihood, blocks=2)
+    x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    eps = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        t = m.elbo(x, eps=eps)
+        k_eps = torch.randn(9, 5, 8, generator=torch.Generator().manual_seed(2))
+        full, chunked = m.iwae(x, 9, eps=k_eps, chunk_size=9), m.iwae(x, 9, eps=k_eps, chunk_size=2)
+    assert torch.isfinite(t.neg_elbo).all() and t.mean.shape == (5, 8)
+    torch.testing.assert_close(full, chunked, atol=1e-4, rtol=1e-5)
+    s = m.sample(2, generator=torch.Generator().manual_seed(0), stochastic_pixels=True)
+    assert s.shape == (2, 3, 32, 32) and s.dtype == torch.uint8
+    assert m.reconstruct(x).shape == x.shape
+
+
+def test_groupnorm_trunk_rows_do_not_depend_on_the_batch():
+    """GroupNorm normalises each image alone: an image scores the same alone or in a batch."""
+    m = _photo_model()
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    eps = torch.randn(6, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = m.elbo(x, eps=eps, precise=True)
+        one = m.elbo(x[3:4], eps=eps[3:4], precise=True)
+    torch.testing.assert_close(full.mean[3:4], one.mean, atol=1e-5, rtol=0)
+    torch.testing.assert_close(full.neg_elbo[3:4], one.neg_elbo, atol=0, rtol=1e-6)
+
+
+def test_photo_model_learns_a_batch():
+    """A few optimiser steps on one batch lower its -ELBO (the trunk and likelihood are trainable)."""
+    m = _photo_model().train()
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    opt = torch.optim.Adam(m.parameters(), 3e-3)
+    g = torch.Generator().manual_seed(0)
+    first = None
+    for _ in range(15):
+        loss = m(x, generator=g).neg_elbo.mean()
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first - 100

@@ -7,7 +7,8 @@ from typing import Any, Callable
 
 from .errors import ConfigError
 
-LIKELIHOODS = ("bernoulli", "discretized_logistic")
+LIKELIHOODS = ("bernoulli", "discretized_logistic", "logistic_mixture")
+ARCHS = ("plain", "resnet")  # conv trunks (vae_model.model)
 SCORES = ("elbo", "iwae", "complexity", "typicality")  # anomaly scores (vae_model.scoring computes them)
 NO_SCORE = "none"  # embed only: the encoder's posterior mean; no decoder, no likelihood, null score columns
 EMBED_SCORES = (*SCORES, NO_SCORE)  # what ``vaepipe embed --score`` takes
@@ -50,6 +51,10 @@ class VAEConfig:
     logvar_min: float = -30.0  # posterior log-variance clamp, as in diffusers
     logvar_max: float = 20.0
     extras: dict[str, Any] = field(default_factory=dict, compare=False)  # free-form, saved as is
+    # Added since (a checkpoint without them is the plain trunk it was trained with):
+    arch: str = "plain"  # plain: two convs per level; resnet: residual blocks with GroupNorm (photos)
+    blocks: int = 1  # residual blocks per level (resnet)
+    mixtures: int = 5  # logistic components per pixel (likelihood logistic_mixture)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
@@ -73,6 +78,12 @@ class VAEConfig:
             raise ConfigError(f"likelihood={self.likelihood!r}: choose one of {', '.join(LIKELIHOODS)}")
         if not self.beta > 0:
             raise ConfigError(f"beta={self.beta}: must be > 0")
+        if self.arch not in ARCHS:
+            raise ConfigError(f"arch={self.arch!r}: choose one of {', '.join(ARCHS)}")
+        if not 1 <= self.blocks <= 8:
+            raise ConfigError(f"blocks={self.blocks}: use 1 to 8 residual blocks per level")
+        if not 1 <= self.mixtures <= 32:
+            raise ConfigError(f"mixtures={self.mixtures}: use 1 to 32 logistic components")
 
     @property
     def num_dims(self) -> int:
@@ -107,10 +118,26 @@ class VAEConfig:
 
     @classmethod
     def default_for(cls, image_size: int, channels: int, **overrides: Any) -> "VAEConfig":
-        """A sensible architecture for a given image size (more levels for bigger images)."""
+        """A sensible architecture for a given image size and channel count.
+
+        Greyscale (and RGB below 32 px) keeps the plain trunk. RGB photographs at 32 px and up get
+        the residual trunk (GroupNorm: batch-size independent), one more level per doubling, a
+        mixture of 5 channel-coupled logistics per pixel and a 128-d latent; BENCHMARKS.md
+        ("Photos") has what each part is worth in bits/dim."""
+        if channels == 3 and image_size >= 32:
+            levels = {32: (64, 128, 256), 64: (64, 128, 256, 256), 128: (32, 64, 128, 256, 256)}.get(image_size)
+            if levels is None:
+                levels = tuple(min(256, 64 * 2 ** i) for i in range(5) if image_size % (2 ** (i + 1)) == 0
+                               and image_size // 2 ** (i + 1) >= 4) or (64,)
+            for key, value in (("arch", "resnet"), ("likelihood", "logistic_mixture"), ("latent_dim", 128),
+                               ("hidden_dim", 512), ("widths", levels)):
+                if overrides.get(key) is None:
+                    overrides[key] = value
+            return cls(image_size=image_size, channels=channels, **{k: v for k, v in overrides.items() if v is not None})
         levels = {28: (32, 64), 32: (32, 64, 128), 64: (32, 64, 128, 256)}.get(image_size)
         if levels is None:
             levels = tuple(32 * 2 ** i for i in range(4) if image_size % (2 ** (i + 1)) == 0
                            and image_size // 2 ** (i + 1) >= 4) or (32,)
-        overrides.setdefault("widths", levels)
-        return cls(image_size=image_size, channels=channels, **overrides)
+        if overrides.get("widths") is None:
+            overrides["widths"] = levels
+        return cls(image_size=image_size, channels=channels, **{k: v for k, v in overrides.items() if v is not None})

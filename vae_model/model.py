@@ -14,7 +14,7 @@ from torch import nn
 
 from . import losses
 from .config import VAEConfig
-from .distributions import PIXEL_LIKELIHOODS, DiagonalGaussian, standard_normal_log_prob
+from .distributions import PIXEL_LIKELIHOODS, DiagonalGaussian, pixel_distribution, standard_normal_log_prob
 from .noise import NOISE_BLOCK, iwae_noise_for_keys, noise_for_keys  # noqa: F401  (moved to vae_model.noise; old imports keep working)
 
 # Budget for one IWAE chunk: decoder outputs of at most this many pixel values at once.
@@ -38,11 +38,65 @@ def _level(cin: int, cout: int, down: bool) -> nn.Sequential:
     return nn.Sequential(nn.ConvTranspose2d(cin, cout, 4, 2, 1), nn.SiLU(), nn.Conv2d(cout, cout, 3, 1, 1), nn.SiLU())
 
 
+def _groups(channels: int) -> int:
+    """GroupNorm groups: 8 channels or more per group, at most 32 groups."""
+    return max(g for g in (1, 2, 4, 8, 16, 32) if channels % g == 0 and channels // g >= 8 or g == 1)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv3x3, twice, plus the input. GroupNorm normalises each image on its
+    own, so a row does not depend on its batch (and small training batches are fine). The
+    second conv starts at zero: each block starts as the identity, which keeps deep trunks
+    trainable from the first step."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        g = _groups(channels)
+        self.body = nn.Sequential(nn.GroupNorm(g, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, 1, 1),
+                                  nn.GroupNorm(g, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, 1, 1))
+        nn.init.zeros_(self.body[-1].weight)
+        nn.init.zeros_(self.body[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def _res_trunk_down(cfg: VAEConfig) -> nn.Sequential:
+    """Stem conv, then per level: residual blocks at that width and a stride-2 conv to the next."""
+    w = cfg.widths
+    layers: list[nn.Module] = [nn.Conv2d(cfg.channels, w[0], 3, 1, 1)]
+    for i, width in enumerate(w):
+        layers += [ResBlock(width) for _ in range(cfg.blocks)]
+        layers.append(nn.Conv2d(width, w[min(i + 1, len(w) - 1)], 4, 2, 1))
+    layers += [nn.GroupNorm(_groups(w[-1]), w[-1]), nn.SiLU()]
+    return nn.Sequential(*layers)
+
+
+def _res_trunk_up(cfg: VAEConfig, out_channels: int) -> nn.Sequential:
+    """The mirror of :func:`_res_trunk_down`: per level a stride-2 transposed conv, then residual
+    blocks; a normalised 3x3 conv to the pixel likelihood's parameters."""
+    rev = cfg.widths[::-1]
+    layers: list[nn.Module] = []
+    for i, width in enumerate(rev):
+        layers.append(nn.ConvTranspose2d(rev[max(i - 1, 0)], width, 4, 2, 1))
+        layers += [ResBlock(width) for _ in range(cfg.blocks)]
+    layers += [nn.GroupNorm(_groups(rev[-1]), rev[-1]), nn.SiLU(), nn.Conv2d(rev[-1], out_channels, 3, 1, 1)]
+    return nn.Sequential(*layers)
+
+
+def num_pixel_params(cfg: VAEConfig) -> int:
+    """Decoder output channels: the pixel likelihood's parameters per pixel."""
+    return PIXEL_LIKELIHOODS[cfg.likelihood].num_params(cfg.channels, cfg.mixtures)
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
-        chans = (cfg.channels, *cfg.widths)
-        self.convs = nn.Sequential(*[_level(a, b, down=True) for a, b in zip(chans[:-1], chans[1:])])
+        if cfg.arch == "resnet":
+            self.convs = _res_trunk_down(cfg)
+        else:
+            chans = (cfg.channels, *cfg.widths)
+            self.convs = nn.Sequential(*[_level(a, b, down=True) for a, b in zip(chans[:-1], chans[1:])])
         flat = cfg.widths[-1] * cfg.bottom_size ** 2
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, cfg.hidden_dim), nn.SiLU(),
                                   nn.Linear(cfg.hidden_dim, 2 * cfg.latent_dim))
@@ -60,15 +114,18 @@ class Decoder(nn.Module):
         flat = cfg.widths[-1] * cfg.bottom_size ** 2
         self.head = nn.Sequential(nn.Linear(cfg.latent_dim, cfg.hidden_dim), nn.SiLU(),
                                   nn.Linear(cfg.hidden_dim, flat), nn.SiLU())
-        rev = cfg.widths[::-1]
-        self.convs = nn.Sequential(*[_level(a, b, down=False) for a, b in zip(rev, (*rev[1:], rev[-1]))])
-        n_params = PIXEL_LIKELIHOODS[cfg.likelihood].params_per_channel
-        self.out = nn.Conv2d(rev[-1], cfg.channels * n_params, 3, 1, 1)
+        if cfg.arch == "resnet":
+            self.convs = _res_trunk_up(cfg, num_pixel_params(cfg))
+            self.out = nn.Identity()
+        else:
+            rev = cfg.widths[::-1]
+            self.convs = nn.Sequential(*[_level(a, b, down=False) for a, b in zip(rev, (*rev[1:], rev[-1]))])
+            self.out = nn.Conv2d(rev[-1], num_pixel_params(cfg), 3, 1, 1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         c = self.cfg
         h = self.head(z).view(-1, c.widths[-1], c.bottom_size, c.bottom_size)
-        return self.out(self.convs(h)).float()  # (B, C * params, H, W)
+        return self.out(self.convs(h)).float()  # (B, params, H, W)
 
 
 class VAE(nn.Module):
@@ -79,7 +136,6 @@ class VAE(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self._pixels = PIXEL_LIKELIHOODS[cfg.likelihood]
 
     # -- data ----------------------------------------------------------------------------
     def prepare(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +168,8 @@ class VAE(nn.Module):
         and threads, as large as the 1e-5 to which rows must reproduce. Scoring uses it;
         training does not need it."""
         params = self.decoder(z.reshape(-1, z.shape[-1]))
-        return self._pixels(params.double() if precise else params)
+        c = self.cfg
+        return pixel_distribution(c.likelihood, params.double() if precise else params, c.channels, c.mixtures)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> ElboTerms:
         return self.elbo(x, generator=generator)
@@ -144,7 +201,7 @@ class VAE(nn.Module):
         q = self.encode(x_in)
         b = x.shape[0]
         if chunk_size is None:
-            per_sample = b * self.cfg.num_dims * self._pixels.params_per_channel
+            per_sample = b * self.cfg.image_size ** 2 * num_pixel_params(self.cfg)
             chunk_size = max(1, min(k, IWAE_CHUNK_VALUES // max(per_sample, 1)))
         dtype = torch.float64 if precise else torch.float32
         target = target.to(dtype)
