@@ -254,10 +254,12 @@ def calibrate(checkpoint_url: str, data_url: str, limit: int, iwae_k: int, seed:
 @click.option("--interpolate", is_flag=True, help="Instead of sampling: rows of latent interpolations.")
 @click.option("--data", "data_url", default=None, help="With --interpolate: interpolate between pairs of these images.")
 @click.option("--steps", default=10, show_default=True, help="With --interpolate: images per row.")
+@click.option("--scale", type=click.IntRange(1, 16), default=1, show_default=True,
+              help="Enlarge each tile this many times (nearest neighbour), e.g. 3 for 32 px photos.")
 @storage_option
 @handle_errors
 def generate(checkpoint_url: str, out: str, n: int, seed: int, temperature: float, reconstruct_url: str | None,
-             interpolate: bool, data_url: str | None, steps: int, storage_options: str | None) -> None:
+             interpolate: bool, data_url: str | None, steps: int, scale: int, storage_options: str | None) -> None:
     """Generate images from a checkpoint into a PNG grid.
 
     \b
@@ -272,13 +274,13 @@ def generate(checkpoint_url: str, out: str, n: int, seed: int, temperature: floa
     if reconstruct_url and interpolate:
         raise click.UsageError("choose one of --reconstruct and --interpolate")
     if reconstruct_url:
-        count = gen.generate_reconstructions(checkpoint_url, reconstruct_url, out, n=n, storage_options=so)
+        count = gen.generate_reconstructions(checkpoint_url, reconstruct_url, out, n=n, storage_options=so, scale=scale)
     elif interpolate:
         count = gen.generate_interpolations(checkpoint_url, out, n=n, steps=steps, seed=seed, data_url=data_url,
-                                            storage_options=so)
+                                            storage_options=so, scale=scale)
     else:
         count = gen.generate_samples(checkpoint_url, out, n=n, seed=seed, temperature=temperature,
-                                     storage_options=so)
+                                     storage_options=so, scale=scale)
     click.echo(json.dumps({"out": out, "images": count}))
 
 

@@ -34,18 +34,18 @@ def _images(data_url: str, model: VAE, n: int, so: StorageOptions) -> torch.Tens
 
 
 def generate_samples(checkpoint_url: str, out_url: str, n: int = 64, seed: int = 0, temperature: float = 1.0,
-                     storage_options: StorageOptions = None) -> int:
+                     storage_options: StorageOptions = None, scale: int = 1) -> int:
     """n images from the prior (pixel means), tiled into one PNG. Returns images written."""
     if n < 1 or temperature <= 0:
         raise ConfigError("--n must be >= 1 and --temperature > 0")
     model = _model(checkpoint_url, storage_options)
     imgs = model.sample(n, generator=torch.Generator(_device(model)).manual_seed(seed), temperature=temperature)
-    save_grid(imgs, out_url, storage_options=storage_options)
+    save_grid(imgs, out_url, storage_options=storage_options, scale=scale)
     return n
 
 
 def generate_reconstructions(checkpoint_url: str, data_url: str, out_url: str, n: int = 32,
-                             storage_options: StorageOptions = None) -> int:
+                             storage_options: StorageOptions = None, scale: int = 1) -> int:
     """The first n images of ``data_url`` (odd rows) above their reconstructions (even rows)."""
     model = _model(checkpoint_url, storage_options)
     x = _images(data_url, model, n, storage_options)
@@ -56,12 +56,12 @@ def generate_reconstructions(checkpoint_url: str, data_url: str, out_url: str, n
     rows = []
     for i in range(0, len(x), per_row):
         rows += [x[i:i + per_row], recon[i:i + per_row]]
-    save_grid(torch.cat(rows), out_url, nrow=per_row, storage_options=storage_options)
+    save_grid(torch.cat(rows), out_url, nrow=per_row, storage_options=storage_options, scale=scale)
     return len(x)
 
 
 def generate_interpolations(checkpoint_url: str, out_url: str, n: int = 8, steps: int = 10, seed: int = 0,
-                            data_url: str | None = None, storage_options: StorageOptions = None) -> int:
+                            data_url: str | None = None, storage_options: StorageOptions = None, scale: int = 1) -> int:
     """n rows of ``steps`` images each: interpolations between pairs of real images (posterior
     means, when ``data_url`` is given) or of random prior latents."""
     if steps < 2 or n < 1:
@@ -79,5 +79,5 @@ def generate_interpolations(checkpoint_url: str, out_url: str, n: int = 8, steps
         for _ in range(n):
             a, b = torch.randn((2, model.cfg.latent_dim), generator=g).to(_device(model))
             rows.append(model.interpolate_latents(a, b, steps))
-    save_grid(torch.cat(rows), out_url, nrow=steps, storage_options=storage_options)
+    save_grid(torch.cat(rows), out_url, nrow=steps, storage_options=storage_options, scale=scale)
     return sum(len(r) for r in rows)

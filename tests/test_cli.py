@@ -44,6 +44,8 @@ def test_quickstart_chain(tmp_path):
     res = invoke("generate", ckpt, "--out", tmp_path / "s.png", "--n", 16)
     assert res.exit_code == 0, res.output
     assert Image.open(tmp_path / "s.png").size == (4 * 30 + 2, 4 * 30 + 2)
+    res = invoke("generate", ckpt, "--out", tmp_path / "s3.png", "--n", 4, "--scale", 3)
+    assert res.exit_code == 0 and Image.open(tmp_path / "s3.png").size == (2 * 86 + 2, 2 * 86 + 2)  # 3 x 28 px tiles
     res = invoke("generate", ckpt, "--out", tmp_path / "r.png", "--reconstruct", shards, "--n", 8)
     assert res.exit_code == 0 and Image.open(tmp_path / "r.png").size[1] == 2 * 30 + 2
     res = invoke("generate", ckpt, "--out", tmp_path / "i.png", "--interpolate", "--data", shards, "--n", 2,
