@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean bench
+.PHONY: demo test lint install clean bench photos
 
 $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh
+
+# The photo set of BENCHMARKS.md "Photos" (benchmarks/photoset.py): real photographs that install offline.
+photos: $(STAMP)
+	$(PY) -m pip install -q mvtb-data scikit-image
+	$(PY) benchmarks/photoset.py --out .bench/photos
 
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py
