@@ -10,13 +10,21 @@ Single process, 1 torch thread (what each of the 2 multi_processing DirectRunner
 3. a candidate fix, side by side on the same images: ``score_batch`` with the model and input in
    channels_last memory format (fp32 both; numerics compared).
 
+``--against REV`` instead measures the model-only path (a) of issue 13: ``score_batch`` of this
+tree against ``score_batch`` of git revision REV (its ``vae_model/scoring.py`` and
+``vae_model/noise.py``, loaded beside this tree's), interleaved on the same in-memory batches,
+and the part of each that lies outside the model's forward pass (``model.elbo`` on the same
+NHWC batch with ready noise, float64 likelihood as scoring has it), plus a torch.profiler table.
+
     .venv/bin/python benchmarks/profile_embed.py [--repeats 3] [--quick]
+    .venv/bin/python benchmarks/profile_embed.py --against a05d89b [--images 10000] [--threads 1]
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
 import io
+import json
 import pstats
 import sys
 import tempfile
@@ -27,19 +35,135 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
+def _old_scoring(rev: str):
+    """``vae_model.scoring`` as it was at git revision ``rev``, with that revision's noise module."""
+    import importlib.util
+    import subprocess
+
+    def load(name: str, path: str, replace: tuple[str, str] | None = None):
+        src = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=common.REPO, capture_output=True, text=True,
+                             check=True).stdout
+        if replace:
+            src = src.replace(*replace)
+        spec = importlib.util.spec_from_loader(f"vae_model.{name}", loader=None)
+        mod = importlib.util.module_from_spec(spec)
+        mod.__package__ = "vae_model"
+        sys.modules[spec.name] = mod
+        exec(compile(src, f"{rev}:{path}", "exec"), mod.__dict__)
+        return mod
+
+    load("_old_noise", "vae_model/noise.py")
+    return load("_old_scoring", "vae_model/scoring.py", ("from .noise import", "from ._old_noise import"))
+
+
+def against(args) -> None:
+    """(a) of issue 13: this tree's score_batch against revision ``args.against``'s, same batches."""
+    import numpy as np
+    import torch
+
+    from jobs.data import ShardImageDataset, list_specs, load_tensor
+    from vae_model.checkpoint import load_checkpoint
+    from vae_model.noise import hash_noise, pixel_hash
+    from vae_model.scoring import ScoreOptions, for_scoring, score_batch
+
+    torch.set_num_threads(args.threads)
+    ck = args.checkpoint or str(common.ensure_checkpoint(quick=args.quick))
+    data = common.image_set(args.images)
+    x = load_tensor(ShardImageDataset(list_specs(str(data)), 1, 28, split="all")).numpy()[:args.images]
+    model = for_scoring(load_checkpoint(ck).model)
+    old = _old_scoring(args.against)
+    opts, old_opts = ScoreOptions(score="elbo"), old.ScoreOptions(score="elbo")
+    bs = args.batch_size
+    batches = [x[i:i + bs] for i in range(0, len(x), bs)]
+    eps = [hash_noise(pixel_hash(b), model.cfg.latent_dim)[0] for b in batches]
+    xs_cl = [torch.from_numpy(b).contiguous(memory_format=torch.channels_last) for b in batches]
+
+    def new_a():
+        for b in batches:
+            score_batch(model, b, None, opts)
+
+    def old_a():
+        for b in batches:
+            old.score_batch(model, b, None, old_opts)
+
+    def forward():  # the model's own work in score_batch: the same call, input and noise ready
+        with torch.no_grad():
+            for xb, e in zip(xs_cl, eps):
+                model.elbo(xb, eps=e, precise=True)
+
+    def forward_fp32():  # the bare loop's forward pass (float32 likelihood)
+        with torch.no_grad():
+            for xb, e in zip(xs_cl, eps):
+                model.elbo(xb, eps=e)
+
+    def old_noise():
+        for b in batches:
+            old.noise_for_keys(old.pixel_ids(b), (model.cfg.latent_dim,), 0)
+
+    def new_noise():
+        for b in batches:
+            hash_noise(pixel_hash(b), model.cfg.latent_dim)
+
+    fns = {"a new": new_a, "a old": old_a, "forward (float64 likelihood)": forward,
+           "forward (float32 likelihood)": forward_fp32, "hash + noise old": old_noise, "hash + noise new": new_noise}
+    new_a(), old_a(), forward()  # warm-up (oneDNN primitive cache)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(args.repeats):
+        for name, fn in (fns.items() if r % 2 == 0 else reversed(fns.items())):  # alternate order against drift
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    n = len(x)
+    med = {k: common.median(v) for k, v in times.items()}
+    res = {"against": args.against, "images": n, "batch_size": bs, "torch_threads": args.threads, "checkpoint": ck,
+           "load_avg": common.load_average(), "busy_others": common.busy_others(),
+           "img_s": {k: round(n / v, 1) for k, v in med.items()},
+           "us_per_image": {k: round(1e6 * v / n, 1) for k, v in med.items()},
+           "per_repeat_s": {k: [round(t, 3) for t in v] for k, v in times.items()}}
+    fwd = med["forward (float64 likelihood)"]
+    res["a_new_over_old"] = round(med["a old"] / med["a new"], 3)
+    res["fraction_outside_forward"] = {"old": round(1 - fwd / med["a old"], 3), "new": round(1 - fwd / med["a new"], 3)}
+    res["a_new_over_forward_fp32"] = round(med["forward (float32 likelihood)"] / med["a new"], 3)
+    a, b = score_batch(model, batches[0], None, opts), old.score_batch(model, batches[0], None, old_opts)
+    res["embedding_max_abs_diff_vs_old"] = float(np.abs(a["embedding"] - b["embedding"]).max())
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for bb in batches[:8]:
+            score_batch(model, bb, None, opts)
+    res["profiler_new"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15).splitlines()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for bb in batches[:8]:
+            old.score_batch(model, bb, None, old_opts)
+    res["profiler_old"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15).splitlines()
+    print(common.table([[k, res["img_s"][k], res["us_per_image"][k]] for k in fns], ["path", "img/s", "us/img"]))
+    print(json.dumps({k: res[k] for k in ("a_new_over_old", "fraction_outside_forward", "a_new_over_forward_fp32",
+                                          "embedding_max_abs_diff_vs_old", "load_avg")}))
+    common.write_json(Path(args.out), res)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=str(common.RESULTS / "profile_embed.json"))
+    ap.add_argument("--against", metavar="REV", help="(a) of this tree against git revision REV's score_batch")
+    ap.add_argument("--images", type=int, default=10000, help="--against: images (a cached image set)")
+    ap.add_argument("--threads", type=int, default=1, help="--against: torch threads")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.against:
+        args.out = args.out or str(common.RESULTS / "score_path.json")
+        return against(args)
+    args.out = args.out or str(common.RESULTS / "profile_embed.json")
     import numpy as np
     import torch
 
     from pipeline.decode import decode_image
     from pipeline.embed import BatchItem, EmbedOptions, ShardEmbedder
     from pipeline.shards import expand_shards, iter_members
-    from vae_model.noise import noise_for_keys, pixel_ids
+    from vae_model.noise import noise_for_keys, pixel_ids  # pixel_ids: hex of the on-device hash
     from vae_model.scoring import ScoreOptions, score_batch
 
     torch.set_num_threads(1)
