@@ -20,6 +20,7 @@ import datetime as _dt
 import torch
 
 from jobs.data import ShardImageDataset, list_specs, load_tensor
+from pipeline.options import trained_resize
 from vae_model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from vae_model.device import pick_device
 from vae_model.errors import ConfigError, VaePipeError
@@ -68,6 +69,6 @@ def calibrate(checkpoint_url: str, data_url: str, limit: int | None = 10000, iwa
     ckpt = load_checkpoint(checkpoint_url, storage_options, map_location=device, verify_calibration=False)
     cfg = ckpt.config
     ds = ShardImageDataset(list_specs(data_url, storage_options), cfg.channels, cfg.image_size, split="all",
-                           storage_options=storage_options)
+                           storage_options=storage_options, resize=trained_resize(ckpt.meta))
     images = load_tensor(ds, limit)
     return store_calibration(checkpoint_url, images, data_url, iwae_k, seed, device, storage_options, ckpt)

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import click
 
 from jobs.log_format import LOG_FORMATS, TEXT_FORMAT, formatter
+from pipeline.options import DEFAULT_RESIZE, RESIZE_POLICIES
 from vae_model.config import ARCHS, LIKELIHOODS
 from vae_model.device import PRECISIONS
 from vae_model.errors import VaePipeError, worker_failure
@@ -145,6 +146,9 @@ def shards(source: str, out_url: str, fmt: str, shard_size: int, limit: int | No
 @click.option("--time-limit", type=float, default=None, help="Stop after this many seconds (resumable).")
 @click.option("--image-size", default=28, show_default=True, help="Images are resized/cropped to this square size.")
 @click.option("--channels", type=click.IntRange(1, 3), default=1, show_default=True, help="1 (grayscale) or 3 (RGB).")
+@click.option("--resize", type=click.Choice(RESIZE_POLICIES), default=DEFAULT_RESIZE, show_default=True,
+              help="How a non-square image becomes square: shorter side to --image-size and the centre kept, longer "
+                   "side to size with white margins, or both sides to size. Stored in the checkpoint: embed uses it.")
 @click.option("--latent-dim", type=int, default=None, help="Size of z (default: 32; 128 for RGB at 32 px and up).")
 @click.option("--widths", default=None, help="Conv channels per level, comma separated (default by image size).")
 @click.option("--hidden-dim", type=int, default=None, help="Fully connected layer size (default: 256; 512 for RGB photos).")
@@ -180,7 +184,7 @@ def train(data_url: str, out: str, val_url: str | None, val_fraction: float, epo
           likelihood: str | None, arch: str | None, blocks: int | None, mixtures: int | None, beta: float,
           kl_warmup_steps: int, batch_size: int, lr: float, lr_schedule: str, cache_mb: int,
           grad_clip: float, grad_clip_factor: float, patience: int, seed: int, num_workers: int, precision: str,
-          resume: bool, quiet: bool, storage_options: str | None) -> None:
+          resume: bool, quiet: bool, storage_options: str | None, resize: str) -> None:
     """Train a VAE on the shards at DATA_URL; write the best checkpoint to --out.
 
     Beside the checkpoint: OUT.metrics.jsonl, OUT.epochNNN.png (samples and reconstructions)
@@ -210,7 +214,7 @@ def train(data_url: str, out: str, val_url: str | None, val_fraction: float, epo
                       cache_bytes=max(cache_mb, 0) << 20, kl_warmup_steps=kl_warmup_steps,
                       grad_clip=grad_clip, grad_clip_factor=grad_clip_factor,
                       patience=patience, seed=seed, num_workers=num_workers, precision=precision, resume=resume,
-                      model=model, storage_options=_so(storage_options))
+                      model=model, storage_options=_so(storage_options), resize=resize)
     result = run_train(cfg, progress=not quiet)
     click.echo(json.dumps(result.__dict__))
 

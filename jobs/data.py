@@ -19,6 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.decode import decode_image
 from pipeline.members import escape_key
+from pipeline.options import DEFAULT_RESIZE
 from pipeline.shard_listing import expand_shards
 from pipeline.shards import ShardSpec, iter_members
 from vae_model.errors import ImageDecodeError, worker_error
@@ -60,14 +61,16 @@ class ShardImageDataset(IterableDataset):
         specs: shards from :func:`pipeline.shard_listing.expand_shards`.
         split: "train" (hash not in validation), "val" (hash in validation) or "all".
         shuffle_buffer: 0 disables shuffling (validation).
+        resize: the decode's resize policy (:data:`pipeline.options.RESIZE_POLICIES`); a model's
+            data is read with the policy it was trained with (:func:`pipeline.options.trained_resize`).
     """
 
     def __init__(self, specs: list[ShardSpec], channels: int, size: int, split: str = "all",
                  val_fraction: float = 0.0, seed: int = 0, shuffle_buffer: int = 0,
-                 storage_options: StorageOptions = None) -> None:
+                 storage_options: StorageOptions = None, resize: str = DEFAULT_RESIZE) -> None:
         super().__init__()
         assert split in ("train", "val", "all")
-        self.specs, self.channels, self.size = list(specs), channels, size
+        self.specs, self.channels, self.size, self.resize = list(specs), channels, size, resize
         self.split, self.val_fraction, self.seed = split, val_fraction, seed
         self.shuffle_buffer, self.storage_options = shuffle_buffer, storage_options
         self.epoch = 0
@@ -95,7 +98,7 @@ class ShardImageDataset(IterableDataset):
                     log.warning("skipping %s/%s: %s", spec.name, m.key, m.error)
                     continue
                 try:
-                    arr = decode_image(m.data, self.channels, self.size)
+                    arr = decode_image(m.data, self.channels, self.size, resize=self.resize)
                 except ImageDecodeError as exc:
                     skipped += 1
                     log.warning("skipping %s/%s: %s", spec.name, m.key, exc)

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from jobs.data import ShardImageDataset, list_specs
+from pipeline.options import trained_resize
 from vae_model import losses
 from vae_model.checkpoint import load_checkpoint
 from vae_model.device import pick_device
@@ -65,7 +66,7 @@ def evaluate(data_url: str, checkpoint_url: str, opts: EvalOptions | None = None
     ckpt = load_checkpoint(checkpoint_url, storage_options, map_location=device)
     model, cfg = ckpt.model, ckpt.config
     ds = ShardImageDataset(list_specs(data_url, storage_options), cfg.channels, cfg.image_size,
-                           storage_options=storage_options)
+                           storage_options=storage_options, resize=trained_resize(ckpt.meta))
     g = torch.Generator(device=device).manual_seed(opts.seed)
     means = TermMeans("neg_elbo", "recon_nll", "kl", "iwae_nll")
     from tqdm.auto import tqdm

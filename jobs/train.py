@@ -35,6 +35,7 @@ from jobs.epoch_data import Collector, epoch_batches, fill_cache
 from jobs.evaluate import TermMeans
 from jobs.grid import save_grid
 from jobs.train_state import TrainState, apply_resume, load_resume, save_resume
+from pipeline.options import DEFAULT_RESIZE, RESIZE_POLICIES
 from vae_model import losses
 from vae_model.checkpoint import save_checkpoint
 from vae_model.config import VAEConfig
@@ -76,6 +77,7 @@ class TrainConfig:
     log_every: int = 50  # steps between metrics lines
     model: dict[str, Any] = field(default_factory=dict)  # VAEConfig fields
     storage_options: dict[str, Any] | None = None
+    resize: str = DEFAULT_RESIZE  # center-crop | pad | squash (pipeline.decode); stored in the checkpoint's meta
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.epochs < 1:
@@ -97,6 +99,8 @@ class TrainConfig:
         if min(self.val_limit, self.quantile_images) < MIN_IMAGES:
             raise ConfigError(f"val_limit={self.val_limit} and quantile_images={self.quantile_images} must be "
                               f">= {MIN_IMAGES}: calibration needs that many validation images")
+        if self.resize not in RESIZE_POLICIES:
+            raise ConfigError(f"--resize {self.resize}: choose one of {', '.join(RESIZE_POLICIES)}")
         if self.patience < 1 or self.log_every < 1 or self.num_workers < 0:
             raise ConfigError("--patience and log_every must be >= 1, --num-workers >= 0")
 
@@ -200,7 +204,8 @@ def start(cfg: TrainConfig, t_start: float) -> Session:
                                       **{k: v for k, v in cfg.model.items() if k not in ("image_size", "channels")})
     specs = list_specs(cfg.data_url, so)
     data_fp = fingerprint(specs, so)
-    common = dict(channels=model_cfg.channels, size=model_cfg.image_size, seed=cfg.seed, storage_options=so)
+    common = dict(channels=model_cfg.channels, size=model_cfg.image_size, seed=cfg.seed, storage_options=so,
+                  resize=cfg.resize)
     if cfg.val_url:
         train_ds = ShardImageDataset(specs, split="all", shuffle_buffer=cfg.shuffle_buffer, **common)
         val_ds = ShardImageDataset(list_specs(cfg.val_url, so), split="all", **common)
@@ -370,6 +375,7 @@ def _meta(session: Session, state: TrainState, val: dict) -> dict:
             "val_fraction": None if cfg.val_url else cfg.val_fraction, "epochs": state.epoch,
             "steps": state.step, "val_neg_elbo": val["neg_elbo"], "val_bits_per_dim": val["bits_per_dim"],
             "val_recon_nll": val["recon_nll"], "val_kl": val["kl"], "seed": cfg.seed, "precision": session.precision,
+            "resize": cfg.resize,  # pipeline.options.trained_resize: embed decodes with it by default
             "train_config": {k: v for k, v in asdict(cfg).items() if k not in ("storage_options", "model")}}
 
 

@@ -6,14 +6,13 @@ One policy, shared by training and the Beam pipeline so the two can never disagr
    or corrupt files fail here rather than later. An image whose header declares more than
    ``max_pixels`` pixels (width x height; ``--max-pixels``) raises :class:`ImageTooLargeError`
    before any pixel is decoded: a tiny file can declare a huge canvas. A JPEG much larger than
-   the target is decoded at a reduced scale (``Image.draft``: a power-of-two DCT scaling that
-   keeps the short side at least four times ``size``), so the final resize still does most of the
-   filtering (rows move by well under one grey level on average; BENCHMARKS.md has the figures).
-   Any failure, including ``Image.DecompressionBombError`` (images over twice
-   ``Image.MAX_IMAGE_PIXELS``), raises :class:`ImageDecodeError` with a one-line
-   message that carries Pillow's reason. Truncated images are never padded
+   the target is decoded at a reduced DCT scale (the fast path of step 5). Any failure, including
+   ``Image.DecompressionBombError`` (images over twice ``Image.MAX_IMAGE_PIXELS``), raises
+   :class:`ImageDecodeError` with a one-line message that carries Pillow's reason. Truncated
+   images are never padded
    (``ImageFile.LOAD_TRUNCATED_IMAGES`` is left alone).
-2. **EXIF orientation** is applied (``ImageOps.exif_transpose``), as a viewer would show the photo.
+2. **EXIF orientation** is applied (``ImageOps.exif_transpose``), as a viewer would show the photo
+   (after the DCT scaling, which is isotropic, so a photo rotated 90 degrees is scaled alike).
 3. **Mode conversion** to 8-bit ``L`` (``channels=1``) or ``RGB`` (``channels=3``):
 
    * transparency (``RGBA``, ``LA``, ``PA``, palette with a transparent colour, premultiplied
@@ -28,27 +27,57 @@ One policy, shared by training and the Beam pipeline so the two can never disagr
    * ``1`` (bilevel) becomes 0/255; ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, palette go through
      Pillow's ``convert('RGB')``;
    * grayscale to ``RGB`` replicates the channel; colour to ``L`` uses Pillow's ITU-R 601-2 luma.
-4. **Resize**: an image that is not already ``size x size`` has its shorter side resized to
-   ``size`` (``Resampling.BOX`` when shrinking, ``Resampling.BICUBIC`` when enlarging) and is then
-   centre-cropped to a square (the extra pixel of an odd margin goes to the right/bottom).
+4. **Colour**: an RGB(A) or ``CMYK`` image with an embedded ICC profile that is not sRGB
+   (Adobe RGB, Display P3, a camera or press CMYK profile, ...) is converted to sRGB with
+   littlecms (``PIL.ImageCms``, perceptual intent; transforms cached per profile), on the
+   resized pixels (a colour transform of a whole photo costs more than its decode; alpha is
+   composited over white first). Images without a profile are taken to be sRGB; CMYK without
+   one goes through Pillow's ``convert('RGB')`` (Pillow reads CMYK JPEGs with the Adobe
+   inverted convention, as Photoshop writes them). Profiles of greyscale and palette images,
+   and profiles littlecms cannot read, are ignored.
+5. **Resize** (``resize``, :data:`RESIZE_POLICIES`; ``--resize``), after orientation:
+
+   * ``center-crop`` (default): the shorter side is resized to ``size`` and the centre square kept
+     (the extra pixel of an odd margin goes to the right/bottom); only the kept region is
+     resampled (``resize(box=...)``);
+   * ``pad``: the longer side is resized to ``size`` and the image centred on a **white** square
+     (255, as transparency is: an image with no content there reads as a blank page);
+   * ``squash``: both sides resized to ``size``, the aspect ratio ignored.
+
+   The filter is Pillow's antialiased ``Resampling.BICUBIC`` both ways (its support widens with
+   the reduction). **Fast path**: a JPEG is decoded at a reduced DCT scale (``Image.draft``, a
+   power of two) that keeps each axis at least :data:`DRAFT_FACTOR` times its resized size, and
+   other formats are box-reduced by an integer factor first (``resize(reducing_gap=...)``) that
+   keeps at least :data:`REDUCING_GAP` times. The geometry (resized size, crop offsets) is
+   computed on the full photo, so the fast path changes the filtering only: **tolerance**, per
+   image, a mean absolute difference of at most 1.5 grey levels from a full decode and one
+   resize (about 0.5 on average over photos; measured figures: BENCHMARKS.md, "Photos: decode
+   speed"; a smoothing filter is what keeps this small: a box filter moved rows by up to ~5).
 
 Files whose extension is in :data:`SUPPORTED_EXTS` are the ones shard readers treat as images;
 the decoder itself sniffs the format from the bytes.
 """
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.options import DEFAULT_MAX_PIXELS, DEFAULT_RESIZE, RESIZE_POLICIES
 from vae_model.errors import ConfigError, ImageDecodeError
 
 SUPPORTED_EXTS: tuple[str, ...] = ("png", "jpg", "jpeg", "webp", "bmp")
+PAD_VALUE = 255  # --resize pad fills with white, as transparency is composited
+# Fast path (module docstring, step 5): the decoded/reduced image keeps >= this many times the
+# resized size per axis before the final resize; the tolerance this gives: module docstring, step 5.
+DRAFT_FACTOR = 2
+REDUCING_GAP = 4.0
 
 _ALPHA_MODES = {"RGBA": "RGBA", "RGBa": "RGBA", "LA": "LA", "La": "LA", "PA": "RGBA"}
 _INT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-_DRAFT_FACTOR = 4  # JPEG draft keeps >= 4x the target side (the row differences it costs: BENCHMARKS.md)
+_ORIENTATION = 0x0112  # the EXIF orientation tag
 
 
 class ImageTooLargeError(ImageDecodeError):
@@ -57,7 +86,8 @@ class ImageTooLargeError(ImageDecodeError):
     error_type = "ImageTooLarge"  # the dead letter's error_type
 
 
-def decode_image(data: bytes, channels: int, size: int, max_pixels: int | None = None) -> np.ndarray:
+def decode_image(data: bytes, channels: int, size: int, max_pixels: int | None = None,
+                 resize: str = DEFAULT_RESIZE) -> np.ndarray:
     """Decode image bytes to a ``uint8`` array of shape ``(channels, size, size)``.
 
     Args:
@@ -66,21 +96,31 @@ def decode_image(data: bytes, channels: int, size: int, max_pixels: int | None =
         size: Output height and width in pixels.
         max_pixels: Largest width x height decoded (default
             :data:`pipeline.options.DEFAULT_MAX_PIXELS`), checked from the header before decoding.
+        resize: How a non-square image becomes square: ``center-crop``, ``pad`` or ``squash``
+            (:data:`RESIZE_POLICIES`; the module docstring, step 5).
 
     Raises:
         ImageTooLargeError: The header declares more than ``max_pixels`` pixels.
         ImageDecodeError: The bytes are empty, truncated, corrupt, not an image, or a
             decompression bomb.
-        ConfigError: ``channels`` is not 1 or 3, or ``size`` is not positive.
+        ConfigError: ``channels`` is not 1 or 3, ``size`` is not positive, or ``resize`` unknown.
     """
-    if max_pixels is None:
-        from pipeline.options import DEFAULT_MAX_PIXELS  # options imports the shard reader, which imports us
+    return decode_with(data, channels, size, max_pixels, resize)
 
+
+def decode_with(data: bytes, channels: int, size: int, max_pixels: int | None = None, resize: str = DEFAULT_RESIZE,
+                draft_factor: int | None = DRAFT_FACTOR, reducing_gap: float | None = REDUCING_GAP) -> np.ndarray:
+    """:func:`decode_image` with the fast path's knobs: ``draft_factor=None`` decodes a JPEG in
+    full and ``reducing_gap=None`` resizes in one step (the exact path the tolerance is measured
+    against: tests/test_photos.py, benchmarks/decode_speed.py)."""
+    if max_pixels is None:
         max_pixels = DEFAULT_MAX_PIXELS
     if channels not in (1, 3):
         raise ConfigError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
     if size < 1:
         raise ConfigError(f"image size must be a positive number of pixels, got {size}")
+    if resize not in RESIZE_POLICIES:
+        raise ConfigError(f"--resize {resize}: choose one of {', '.join(RESIZE_POLICIES)}")
     if not data:
         raise ImageDecodeError("cannot decode image: empty data (0 bytes)")
     try:
@@ -89,8 +129,16 @@ def decode_image(data: bytes, channels: int, size: int, max_pixels: int | None =
         if w * h > max_pixels:
             raise ImageTooLargeError(f"image is {w} x {h} = {w * h} pixels, over the limit of {max_pixels} "
                                      "(--max-pixels); raise --max-pixels to decode it")
-        if img.format == "JPEG" and min(w, h) >= 2 * _DRAFT_FACTOR * size:
-            img.draft(img.mode, (_DRAFT_FACTOR * size,) * 2)  # DCT scaling: short side stays >= 4 x size
+        scale = 1  # the DCT scaling: one decoded pixel is scale x scale pixels of the photo
+        if img.format == "JPEG" and draft_factor:
+            # Each axis keeps >= draft_factor x its resized size; the scaling is isotropic, so the
+            # EXIF rotation applied after it does not change which axis that is.
+            tw, th = _resized_dims(w, h, size, resize)
+            if min(w / tw, h / th) >= 2 * draft_factor:
+                drafted = img.draft(img.mode, (draft_factor * tw, draft_factor * th))
+                scale = round(w / drafted[1][2]) if drafted else 1
+        if img.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):  # rotated by 90 degrees: the axes swap
+            w, h = h, w
         img.load()
         img = ImageOps.exif_transpose(img)
     except ImageTooLargeError:
@@ -101,13 +149,84 @@ def decode_image(data: bytes, channels: int, size: int, max_pixels: int | None =
     except Exception as exc:  # Pillow's format plugins raise many exception types on bad data
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())
         raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {reason}") from None
-    img = _to_8bit(img, gray=channels == 1)
-    img = img.convert("L" if channels == 1 else "RGB")
-    img = _resize_center_crop(img, size)
+    transform = _icc_transform(img)
+    if transform is None:  # sRGB (or no usable profile): convert first, so the resize moves fewer bands
+        img = _to_8bit(img, gray=channels == 1)
+        img = img.convert("L" if channels == 1 else "RGB")
+    elif img.mode != "CMYK":  # RGB in the profile's space, alpha over white: transformed once resized
+        img = _to_8bit(img).convert("RGB")
+    img = _fit(img, (w, h), scale, size, resize, reducing_gap)
+    if transform is not None:
+        from PIL import ImageCms
+
+        img = ImageCms.applyTransform(img, transform)
+        if channels == 1:
+            img = img.convert("L")
+    if img.size != (size, size):  # --resize pad
+        canvas = Image.new(img.mode, (size, size), PAD_VALUE if img.mode == "L" else (PAD_VALUE,) * 3)
+        canvas.paste(img, ((size - img.size[0]) // 2, (size - img.size[1]) // 2))
+        img = canvas
     arr = np.asarray(img, dtype=np.uint8)
     if channels == 1:
         return np.ascontiguousarray(arr[None])  # (1, H, W)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))  # (3, H, W)
+
+
+def _resized_dims(w: int, h: int, size: int, resize: str) -> tuple[int, int]:
+    """The whole image's size once resized for ``resize`` (before the crop or the padding)."""
+    if resize == "squash":
+        return size, size
+    if resize == "pad":
+        scale = size / max(w, h)
+        return max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale)))
+    scale = size / min(w, h)
+    return max(size, round(w * scale)), max(size, round(h * scale))
+
+
+def _fit(img: Image.Image, full: tuple[int, int], scale: int, size: int, resize: str,
+         reducing_gap: float | None) -> Image.Image:
+    """Resize for ``resize``: a ``size`` square (center-crop, squash), or the content of the
+    padded square (pad). ``img`` is the photo of size ``full`` decoded at 1/``scale``: the
+    geometry (resized size, crop offsets) is that of the full photo whatever the scale, so that
+    the fast path differs from a full decode by its filtering only, never by a pixel's shift.
+    Center-crop resamples only the kept region (``box``), in the coordinates of resizing the
+    whole image and cropping it."""
+    w, h = full
+    new_w, new_h = _resized_dims(w, h, size, resize)
+    out, sx, sy = (new_w, new_h), w / new_w / scale, h / new_h / scale  # img pixels per resized pixel
+    box: tuple[float, float, float, float] = (0, 0, w / scale, h / scale)
+    if resize == "center-crop":
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        if scale == 1 and (new_w, new_h) == (w, h):
+            return img if (w, h) == (size, size) else img.crop((left, top, left + size, top + size))
+        box, out = (left * sx, top * sy, (left + size) * sx, (top + size) * sy), (size, size)
+    elif scale == 1 and out == (w, h):
+        return img
+    return img.resize(out, Image.Resampling.BICUBIC, box=box, reducing_gap=reducing_gap)
+
+
+@functools.lru_cache(maxsize=32)
+def _profile_transform(profile: bytes, mode: str) -> object | None:
+    """A littlecms transform from ``profile`` (an embedded ICC profile) to sRGB, or None when
+    the profile is sRGB already or cannot be used (documented: module docstring, step 4)."""
+    from PIL import ImageCms
+
+    try:
+        src = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        if "srgb" in ImageCms.getProfileDescription(src).lower().replace(" ", ""):
+            return None
+        return ImageCms.buildTransform(src, ImageCms.createProfile("sRGB"), mode, "RGB",
+                                       renderingIntent=ImageCms.Intent.PERCEPTUAL)
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return None
+
+
+def _icc_transform(img: Image.Image) -> object | None:
+    """The transform to sRGB of an RGB(A) or CMYK image's embedded profile; None if none is needed."""
+    profile = img.info.get("icc_profile")
+    if not profile or img.mode not in ("RGB", "RGBA", "RGBa", "RGBX", "CMYK"):
+        return None
+    return _profile_transform(bytes(profile), "CMYK" if img.mode == "CMYK" else "RGB")
 
 
 def _to_8bit(img: Image.Image, gray: bool = False) -> Image.Image:
@@ -154,16 +273,3 @@ def _over_white(img: Image.Image) -> Image.Image:
     out = Image.new(mode, img.size, 255 if mode == "L" else (255, 255, 255))
     out.paste(img.convert(mode), (0, 0), img.getchannel("A"))
     return out
-
-
-def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
-    if (w, h) == (size, size):
-        return img
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    if (new_w, new_h) != (w, h):
-        resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BICUBIC
-        img = img.resize((new_w, new_h), resample)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return img.crop((left, top, left + size, top + size))

@@ -24,7 +24,7 @@ import torch
 from pipeline.decode import decode_image
 from pipeline.lease import check_driver
 from pipeline.members import ReadLimits, ShardTally, escape_key, printable
-from pipeline.options import EmbedOptions, check_score_supported, output_key, output_name
+from pipeline.options import EmbedOptions, check_score_supported, output_key, output_name, resolve_resize
 from pipeline.schema import ERROR_SCHEMA, latent_schema
 from pipeline.shards import ShardSpec, iter_members
 from pipeline.writer import AtomicParquetWriter, read_metadata
@@ -111,6 +111,7 @@ class ShardEmbedder:
             torch.set_num_threads(opts.torch_threads)
         self.device = resolve_device(opts.device)
         self.ckpt = checkpoint or load_checkpoint(opts.checkpoint, opts.storage_options, map_location=self.device)
+        self.opts = opts = resolve_resize(opts, self.ckpt.meta)  # the driver resolved it already; others too
         for_scoring(self.ckpt.model, self.device, resolve_precision(opts.precision, self.device))
         self.cfg = self.ckpt.config
         self.schema = latent_schema(self.cfg.latent_dim)
@@ -175,7 +176,7 @@ class ShardEmbedder:
             self._work["bytes_read"] += len(m.data)
             t = time.perf_counter()
             try:
-                pixels = decode_image(m.data, c, size, max_pixels=self.opts.max_pixels)
+                pixels = decode_image(m.data, c, size, max_pixels=self.opts.max_pixels, resize=self.opts.resize)
             except ImageDecodeError as exc:
                 etype = getattr(exc, "error_type", "ImageDecodeError")
                 errors.append(self._error(key, spec, m.index, "decode", etype, str(exc)))

@@ -32,7 +32,7 @@ from apache_beam.ml.inference.base import ModelHandler, RunInference
 
 from pipeline.decode import decode_image
 from pipeline.members import ReadLimits, escape_key
-from pipeline.options import EmbedOptions, check_score_supported
+from pipeline.options import EmbedOptions, check_score_supported, resolve_resize
 from vae_model.checkpoint_header import inspect_checkpoint
 from vae_model.errors import ImageDecodeError
 
@@ -108,6 +108,7 @@ class VAEModelHandler(ModelHandler[Any, dict, Any]):
         self.opts = EmbedOptions(checkpoint=checkpoint, out_url="", score=score, batch_size=max_batch_size,
                                  **options)
         info = inspect_checkpoint(checkpoint, self.opts.storage_options)
+        self.opts = resolve_resize(self.opts, info.meta)  # decoded as the model was trained, unless resize= says
         check_score_supported(self.opts, info)  # a ConfigError now, not on every worker
         self.model_id, self.channels, self.size = info.model_id, info.config.channels, info.config.image_size
 
@@ -131,7 +132,8 @@ class VAEModelHandler(ModelHandler[Any, dict, Any]):
                 raise ImageDecodeError(f"decoded image must be uint8 {(self.channels, self.size, self.size)}, "
                                        f"got {pixels.dtype} {pixels.shape}")
         else:
-            pixels = decode_image(bytes(r.data), self.channels, self.size, max_pixels=self.opts.max_pixels)
+            pixels = decode_image(bytes(r.data), self.channels, self.size, max_pixels=self.opts.max_pixels,
+                                  resize=self.opts.resize)
         return _Decoded(BatchItem(r.key, r.index, r.label, r.meta, pixels), r.shard)
 
     def run_inference(self, batch: Sequence[_Decoded], model: Any, inference_args: dict | None = None

@@ -9,7 +9,7 @@ import datetime as dt
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from vae_model.config import EMBED_SCORES
@@ -26,6 +26,10 @@ DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_MEMBER_BYTES = 64 << 20
 DEFAULT_MAX_SIDECAR_BYTES = 1 << 20
 MODES = ("refuse", "append", "overwrite")
+# How a non-square image becomes the model's square (pipeline.decode, step 5; --resize). Stored in
+# a checkpoint's metadata by training; a checkpoint without it was trained with center-crop.
+RESIZE_POLICIES = ("center-crop", "pad", "squash")
+DEFAULT_RESIZE = "center-crop"
 # (option, smallest, largest): checked on the driver, so a bad value fails before anything is written.
 # IWAE memory is bounded by chunking whatever k is; the bound on k bounds the time (k decoder passes an image).
 _INT_RANGES = (("batch_size", 1, 65536), ("iwae_k", 1, 10000), ("torch_threads", 0, 1024), ("seed", 0, 2 ** 63 - 1),
@@ -60,6 +64,8 @@ class EmbedOptions:
     # the driver process, so that workers stop when their driver is gone (pipeline.lease).
     lease_owner: str | None = None
     driver: dict[str, Any] | None = None
+    # Added since (keyword use only): None = the policy the checkpoint was trained with (resolve_resize).
+    resize: str | None = None  # center-crop | pad | squash
 
     def __post_init__(self) -> None:
         for name, lo, hi in _INT_RANGES:
@@ -76,6 +82,8 @@ class EmbedOptions:
             raise ConfigError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
         if self.mode not in MODES:
             raise ConfigError(f"--mode {self.mode}: choose one of {', '.join(MODES)}")
+        if self.resize is not None and self.resize not in RESIZE_POLICIES:
+            raise ConfigError(f"--resize {self.resize}: choose one of {', '.join(RESIZE_POLICIES)}")
         if self.device == "cuda":
             from vae_model.device import pick_device  # imports torch: only when a GPU is asked for
 
@@ -140,6 +148,10 @@ EMBED_FLAGS: tuple[Flag, ...] = (
                           "(rows, manifest, _SUCCESS, report) is written."),
     Flag("report", "Write PARTITION/_report.html (as `vaepipe report` does) after the manifest; a report that "
                    "cannot be written only logs a warning."),
+    Flag("resize", "How a non-square image becomes square: center-crop (shorter side to the model's size, centre "
+                   "kept), pad (longer side to size, white margins) or squash (aspect ignored). Default: the "
+                   "policy the checkpoint was trained with (center-crop for checkpoints that do not record one).",
+         choices=RESIZE_POLICIES),
 )
 REQUIRED_FLAGS = ("checkpoint", "out_url")
 
@@ -161,6 +173,22 @@ def output_name(spec: ShardSpec) -> str:
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)[:80] or "shard"
     digest = hashlib.sha256(spec.name.encode("utf-8", "surrogateescape")).hexdigest()[:10]  # names may carry raw bytes
     return f"{stem}-{digest}.parquet"
+
+
+def trained_resize(meta: dict) -> str:
+    """The resize policy a checkpoint's model was trained with (its metadata's ``resize``;
+    center-crop when absent: checkpoints written before the policy was recorded)."""
+    policy = meta.get("resize") or DEFAULT_RESIZE
+    if policy not in RESIZE_POLICIES:
+        raise ConfigError(f"checkpoint metadata resize={str(policy)[:40]!r} is not one of {', '.join(RESIZE_POLICIES)}; "
+                          "pass --resize")
+    return policy
+
+
+def resolve_resize(opts: EmbedOptions, meta: dict) -> EmbedOptions:
+    """``opts`` with ``resize`` set: as given, else the checkpoint's (:func:`trained_resize`).
+    The driver resolves it before :func:`output_key`, so the key names the policy used."""
+    return opts if opts.resize is not None else replace(opts, resize=trained_resize(meta))
 
 
 # EmbedOptions fields that never change what a row holds (rows do not depend on batch size,

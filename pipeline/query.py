@@ -61,9 +61,10 @@ class SearchableIndex:
         if isinstance(images, np.ndarray):
             return np.require(images, np.uint8, ["C", "W"])  # torch wants writable memory
         from pipeline.decode import decode_image
+        from pipeline.options import trained_resize
 
-        cfg = self.checkpoint.config
-        return np.stack([decode_image(b, cfg.channels, cfg.image_size) for b in images])
+        cfg, resize = self.checkpoint.config, trained_resize(self.checkpoint.meta)
+        return np.stack([decode_image(b, cfg.channels, cfg.image_size, resize=resize) for b in images])
 
     def encode(self, images: np.ndarray | Sequence[bytes]) -> np.ndarray:
         """Posterior means (Q, D) of images, with the index's model."""

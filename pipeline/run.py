@@ -25,7 +25,7 @@ from pipeline.lease import Lease, RunAbandonedError, this_process
 from pipeline.manifest import add_to_manifest, clear_success
 from pipeline.metrics import query_metrics
 from pipeline.options import (EMBED_FLAGS, REQUIRED_FLAGS, EmbedOptions, check_score_supported, flag_default,
-                              options_dict, output_key, output_name)
+                              options_dict, output_key, output_name, resolve_resize)
 from pipeline.partition import plan_partition
 from pipeline.progress import Progress, ProgressWatcher
 from pipeline.report import write_report_or_warn
@@ -64,6 +64,7 @@ def run_embed(data_url: str, opts: EmbedOptions, beam_args: list[str] | None = N
     check_beam_flags(beam_args, OWN_FLAGS)  # fail fast: a mistyped flag, before anything is read
     ckpt = inspect_checkpoint(opts.checkpoint, so)  # fail fast: unreadable/tampered checkpoint (no torch here)
     check_score_supported(opts, ckpt)
+    opts = resolve_resize(opts, ckpt.meta)  # before output_key: the key names the policy the rows use
     specs = expand_shards(data_url, so)  # fail fast: no shards, missing bucket, bad credentials
     check_writable(opts.out_url, so)
     if use_local_cores and test_pipeline is None:
