@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.decode import SUPPORTED_EXTS, decode_image
+from pipeline.decode import SUPPORTED_EXTS, decode_image, decode_with
 from vae_model.errors import ConfigError, ImageDecodeError
 
 
@@ -123,7 +123,8 @@ def test_non_square_is_resized_on_short_side_and_center_cropped():
     arr[:, 20:40] = 255
     out = decode_image(encode(Image.fromarray(arr)), 1, 10)
     assert out.shape == (1, 10, 10)
-    assert (out == 255).all()
+    assert (out[:, :, 1:-1] == 255).all()  # the antialiasing filter sees past the crop at its edges only
+    assert (out[:, :, [0, -1]] > 200).all()
     up = decode_image(encode(Image.fromarray(arr)), 1, 40)  # upscaling path (BICUBIC)
     assert up.shape == (1, 40, 40)
     assert up[0, 20, 20] == 255
@@ -205,7 +206,54 @@ def test_large_jpeg_draft_decode_stays_close():
     smooth = np.stack([(x / 1600 * 255), (y / 1200 * 255), ((x + y) % 256)], -1)
     smooth[..., 2] = 128 + 100 * np.sin(x / 60.0) * np.cos(y / 45.0)
     jpeg = encode(Image.fromarray(smooth.astype(np.uint8)), "JPEG", quality=92)
-    full = Image.open(io.BytesIO(jpeg)).convert("RGB").resize((43, 32), Image.Resampling.BOX).crop((5, 0, 37, 32))
+    full = Image.open(io.BytesIO(jpeg)).convert("RGB").resize((43, 32), Image.Resampling.BICUBIC).crop((5, 0, 37, 32))
     got = decode_image(jpeg, 3, 32)
     diff = np.abs(got.astype(int) - np.asarray(full).transpose(2, 0, 1))
     assert diff.max() <= 6 and diff.mean() < 1
+
+
+def test_unknown_resize_policy_is_a_config_error():
+    with pytest.raises(ConfigError, match="--resize stretch"):
+        decode_image(encode(Image.new("L", (4, 4))), 1, 4, resize="stretch")
+
+
+def test_pad_centres_the_whole_image_on_white():
+    arr = np.zeros((20, 60), dtype=np.uint8)  # black, 3:1
+    out = decode_image(encode(Image.fromarray(arr)), 1, 12, resize="pad")[0]
+    assert out.shape == (12, 12)
+    assert (out[:4] == 255).all() and (out[8:] == 255).all()  # 12 x 4 of image, 4 rows of white each side
+    assert (out[4:8] == 0).all()
+    rgb = decode_image(encode(Image.new("RGB", (10, 30), (0, 0, 0))), 3, 9, resize="pad")  # 3 x 9: 3 columns each side
+    assert (rgb[:, :, :3] == 255).all() and (rgb[:, :, 6:] == 255).all() and (rgb[:, :, 3:6] == 0).all()
+    assert np.array_equal(decode_image(encode(Image.fromarray(arr[:, :20])), 1, 10, resize="pad"),
+                          decode_image(encode(Image.fromarray(arr[:, :20])), 1, 10))  # square: same as a crop
+
+
+def test_squash_keeps_every_column():
+    arr = np.zeros((20, 60), dtype=np.uint8)
+    arr[:, :20] = 255  # left third white: cropped away by center-crop, a third of a squash
+    squash = decode_image(encode(Image.fromarray(arr)), 1, 12, resize="squash")[0]
+    assert (squash[:, :3] == 255).all() and (squash[:, 5:] == 0).all()
+    assert (decode_image(encode(Image.fromarray(arr)), 1, 12)[0, :, 1:] == 0).all()  # edge: filter support
+
+
+def test_fast_path_keeps_the_geometry_of_a_rotated_photo():
+    y, x = np.mgrid[0:1200, 0:1600]
+    img = np.stack([x * 255 // 1600, y * 255 // 1200, 128 + 100 * np.sin(x / 40.0) * np.cos(y / 30.0)], -1)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: 1200 x 1600
+    jpeg = encode(Image.fromarray(img.astype(np.uint8)), "JPEG", quality=92, exif=exif.tobytes())
+    for resize in ("center-crop", "pad", "squash"):
+        fast = decode_image(jpeg, 3, 32, resize=resize).astype(int)
+        exact = decode_with(jpeg, 3, 32, resize=resize, draft_factor=None).astype(int)
+        assert np.abs(fast - exact).mean() < 0.5, resize  # a one-pixel shift of this image costs > 2
+    top_left = decode_image(jpeg, 3, 32, resize="squash")[:, 0, 0]
+    assert top_left[0] < 40 and top_left[1] > 215  # rotated clockwise: the stored bottom-left is now top-left
+
+
+def test_srgb_profile_changes_nothing():
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    assert np.array_equal(decode_image(encode(img, "PNG", icc_profile=srgb), 3, 10), decode_image(encode(img), 3, 10))
