@@ -10,6 +10,14 @@
   rows     GPU rows against the CPU rows of the same images (``--cpu-rows``): embedding and ELBO
            differences, fp32 and bf16
   iwae     MNIST test NLL with IWAE-k on all test images (``jobs.evaluate``), when given
+  agree    the on-device pixel hash and noise (issue 13): CUDA against CPU bit for bit (hash) and
+           to 1e-6 (noise), and ``score_batch`` rows on CUDA fp32 against CPU fp32 (embedding
+           max abs, ELBO max relative); targets 1e-5 and 1e-6
+  ratios   (a) / (a-fwd) per precision and batch (issue 13 target: >= 0.5 at batch 1,024)
+
+Issue 13's short check (one command, a few minutes of device time):
+
+    python3 benchmarks/gpu.py --short --fashion-test t10k-images-idx3-ubyte.gz --checkpoint fmnist.safetensors
 
 N images = the Fashion-MNIST test set written ``--copies`` times under different shard names
 (content repeats; throughput does not depend on it). Everything is printed as a table at the end
@@ -93,6 +101,38 @@ def model_only(ck: str, images, batch_sizes: list[int], precisions: list[str], d
     return rows
 
 
+def agreement(ck: str, images, device: str, n: int = 4096) -> dict:
+    """CUDA against CPU on the same images: pixel hashes (bits), noise, and fp32 rows."""
+    import numpy as np
+    import torch
+
+    from vae_model.checkpoint import load_checkpoint
+    from vae_model.noise import hash_noise, pixel_hash
+    from vae_model.scoring import ScoreOptions, for_scoring, score_all
+
+    x = images[:n]
+    h_cpu, h_dev = pixel_hash(x), pixel_hash(torch.from_numpy(x).to(device))
+    z_cpu, z_dev = hash_noise(h_cpu, 32, 0, 0, 64), hash_noise(h_dev, 32, 0, 0, 64)
+    cpu = score_all(for_scoring(load_checkpoint(ck).model, "cpu"), x, ScoreOptions("elbo"), "cpu", 256)
+    dev = score_all(for_scoring(load_checkpoint(ck, map_location=device).model, device), x, ScoreOptions("elbo"),
+                    device, 1024)
+    res = {"images": len(x), "hash_equal": bool(torch.equal(h_cpu, h_dev.cpu())),
+           "noise_max_abs": float((z_cpu - z_dev.cpu()).abs().max()),
+           "embedding_max_abs": float(np.abs(cpu["embedding"] - dev["embedding"]).max()),
+           "elbo_max_rel": float((np.abs(cpu["elbo"] - dev["elbo"]) / np.abs(cpu["elbo"])).max())}
+    res["met"] = (res["hash_equal"] and res["noise_max_abs"] <= 1e-6 and res["embedding_max_abs"] <= 1e-5
+                  and res["elbo_max_rel"] <= 1e-6)
+    log(f"agree (CUDA vs CPU): {res}")
+    return res
+
+
+def ratios(rows: list[dict]) -> dict:
+    """(a) / (a-fwd) for every precision and batch measured."""
+    fwd = {(r["precision"], r["batch"]): r["img_s"] for r in rows if r["variant"] == "a-fwd"}
+    return {f"{r['precision']}@{r['batch']}": round(r["img_s"] / fwd[(r["precision"], r["batch"])], 3)
+            for r in rows if r["variant"] == "a" and (r["precision"], r["batch"]) in fwd}
+
+
 def embed_run(data: Path, ck: str, out: Path, n: int, precision: str, workers: int, batch: int,
               device: str, score: str = "elbo") -> dict:
     cmd = [sys.executable, "-m", "jobs", "embed", str(data), "--checkpoint", ck, "--out", str(out),
@@ -156,7 +196,11 @@ def main() -> None:
     ap.add_argument("--skip-a", action="store_true")
     ap.add_argument("--limit", type=int, default=None, help="smoke test: fewer MNIST test images")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--short", action="store_true", help="issue 13's check: (a) vs (a-fwd) at batch 1,024, fp32 and "
+                                                         "bf16, CUDA-vs-CPU agreement, one embed run (bf16, 4 workers)")
     args = ap.parse_args()
+    if args.short:
+        args.a_batches, args.copies, args.embed = "1024", 2, "bf16:4"
 
     import torch
     res: dict = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "torch": torch.__version__,
@@ -180,6 +224,10 @@ def main() -> None:
         x = load_tensor(ShardImageDataset(list_specs(str(data)), 1, 28, split="all")).numpy()
         res["rows"] += model_only(args.checkpoint, x, [int(b) for b in args.a_batches.split(",")],
                                   ["fp32", "bf16"], args.device)
+        res["a_over_forward"] = ratios(res["rows"])
+        log(f"(a) / (a-fwd): {res['a_over_forward']} (target >= 0.5 at batch 1,024)")
+        if args.device != "cpu":
+            res["agree"] = agreement(args.checkpoint, x, args.device)
     except SystemExit:
         pass
     except Exception:
@@ -221,7 +269,7 @@ def main() -> None:
     print("\nvariant  precision  batch  workers        img/s")
     for r in res["rows"]:
         print(f"{r['variant']:8} {r['precision']:9} {r['batch']:6} {r.get('workers', '-'):>7} {r['img_s']:12,.0f}")
-    for k in ("rows_vs_cpu_fp32", "rows_vs_cpu_bf16", "mnist_iwae"):
+    for k in ("a_over_forward", "agree", "rows_vs_cpu_fp32", "rows_vs_cpu_bf16", "mnist_iwae"):
         if k in res:
             print(k, json.dumps(res[k]))
     print("errors:", len(res["errors"]))
