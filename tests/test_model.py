@@ -129,7 +129,7 @@ def _photo_model(**kw):
 
 def test_rgb_photo_defaults_are_the_residual_trunk_with_the_coupled_mixture():
     cfg = VAEConfig.default_for(32, 3)
-    assert (cfg.arch, cfg.likelihood, cfg.latent_dim) == ("resnet", "logistic_mixture", 128)
+    assert (cfg.arch, cfg.likelihood, cfg.latent_dim, cfg.widths) == ("plain", "logistic_mixture", 128, (32, 64, 128))
     grey = VAEConfig.default_for(28, 1)
     assert (grey.arch, grey.likelihood, grey.latent_dim) == ("plain", "discretized_logistic", 32)
     old = VAEConfig().to_dict()
