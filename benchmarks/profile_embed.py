@@ -69,7 +69,7 @@ def against(args) -> None:
     torch.set_num_threads(args.threads)
     ck = args.checkpoint or str(common.ensure_checkpoint(quick=args.quick))
     data = common.image_set(args.images)
-    x = load_tensor(ShardImageDataset(list_specs(str(data)), 1, 28, split="all")).numpy()[:args.images]
+    x = load_tensor(ShardImageDataset(list_specs(str(data)), 1, 28, split="all")).numpy()[:args.limit or args.images]
     model = for_scoring(load_checkpoint(ck).model)
     old = _old_scoring(args.against)
     opts, old_opts = ScoreOptions(score="elbo"), old.ScoreOptions(score="elbo")
@@ -108,18 +108,25 @@ def against(args) -> None:
            "forward (float32 likelihood)": forward_fp32, "hash + noise old": old_noise, "hash + noise new": new_noise}
     new_a(), old_a(), forward()  # warm-up (oneDNN primitive cache)
     times: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}  # CPU seconds: steadier than wall time on a shared box
     for r in range(args.repeats):
         for name, fn in (fns.items() if r % 2 == 0 else reversed(fns.items())):  # alternate order against drift
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
     n = len(x)
     med = {k: common.median(v) for k, v in times.items()}
     res = {"against": args.against, "images": n, "batch_size": bs, "torch_threads": args.threads, "checkpoint": ck,
            "load_avg": common.load_average(), "busy_others": common.busy_others(),
            "img_s": {k: round(n / v, 1) for k, v in med.items()},
            "us_per_image": {k: round(1e6 * v / n, 1) for k, v in med.items()},
+           "cpu_us_per_image": {k: round(1e6 * common.median(v) / n, 1) for k, v in cpu.items()},
            "per_repeat_s": {k: [round(t, 3) for t in v] for k, v in times.items()}}
+    mc = {k: common.median(v) for k, v in cpu.items()}
+    res["cpu_a_new_over_old"] = round(mc["a old"] / mc["a new"], 3)
+    res["cpu_fraction_outside_forward"] = {"old": round(1 - mc["forward (float64 likelihood)"] / mc["a old"], 3),
+                                           "new": round(1 - mc["forward (float64 likelihood)"] / mc["a new"], 3)}
     fwd = med["forward (float64 likelihood)"]
     res["a_new_over_old"] = round(med["a old"] / med["a new"], 3)
     res["fraction_outside_forward"] = {"old": round(1 - fwd / med["a old"], 3), "new": round(1 - fwd / med["a new"], 3)}
@@ -136,8 +143,10 @@ def against(args) -> None:
         for bb in batches[:8]:
             old.score_batch(model, bb, None, old_opts)
     res["profiler_old"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15).splitlines()
-    print(common.table([[k, res["img_s"][k], res["us_per_image"][k]] for k in fns], ["path", "img/s", "us/img"]))
+    print(common.table([[k, res["img_s"][k], res["us_per_image"][k], res["cpu_us_per_image"][k]] for k in fns],
+                       ["path", "img/s", "us/img", "CPU us/img"]))
     print(json.dumps({k: res[k] for k in ("a_new_over_old", "fraction_outside_forward", "a_new_over_forward_fp32",
+                                          "cpu_a_new_over_old", "cpu_fraction_outside_forward",
                                           "embedding_max_abs_diff_vs_old", "load_avg")}))
     common.write_json(Path(args.out), res)
 
@@ -148,6 +157,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--against", metavar="REV", help="(a) of this tree against git revision REV's score_batch")
     ap.add_argument("--images", type=int, default=10000, help="--against: images (a cached image set)")
+    ap.add_argument("--limit", type=int, default=None, help="--against: only the first LIMIT of those images")
     ap.add_argument("--threads", type=int, default=1, help="--against: torch threads")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--checkpoint", default=None)
