@@ -3,16 +3,18 @@
 Two measurements, one run (``python benchmarks/decode_speed.py``; raw JSON in
 ``benchmarks/results/decode_speed.json``):
 
-1. **Speed**: images/s decoding JPEG photos whose short side is about 300, 1000 and 2000 px
-   (``benchmarks/photoset.py sources``: crops of mvtb-data / scikit-image photographs, quality 90)
-   to 64 and 128 px RGB, single-threaded, medians of ``--repeats`` passes over the same bytes:
+1. **Speed**: images per CPU-second (one thread: images/s of one core) decoding JPEG photos
+   whose short side is about 300, 1000 and 2000 px (``benchmarks/photoset.py sources``: crops of
+   mvtb-data / scikit-image photographs, quality 90) to 64 and 128 px RGB, single-threaded,
+   medians of ``--repeats`` passes over the same bytes:
 
    * *naive*: Pillow as a user writes it: ``Image.open(io.BytesIO(b)).convert("RGB")`` then
      ``ImageOps.fit(img, (s, s), Image.Resampling.BICUBIC)`` (shorter side to ``s``, centre crop);
    * *vaepipe*: :func:`pipeline.decode.decode_image` (``--resize center-crop``: DCT draft, resize of
      the kept region only, antialiased bicubic).
 
-   Passes of the two alternate, so that load from other processes slows both alike. A lossless
+   CPU time rather than wall time, so that other processes on the machine do not count; passes
+   of the two alternate. A lossless
    PNG of the 1000 and 2000 px photos is timed too (no DCT draft there: ``reducing_gap`` only).
 
 2. **Tolerance**: mean and max absolute row difference (grey levels, over every pixel and
@@ -63,14 +65,15 @@ def ours(data: bytes, s: int) -> np.ndarray:
 
 
 def images_per_s(fns, blobs: list[bytes], s: int, repeats: int) -> list[float]:
-    """Images/s of each function, passes interleaved (a busy machine slows both alike)."""
+    """Images per CPU-second of each function (this process's CPU time: one thread, so one core's
+    work, whatever else the machine runs), passes interleaved."""
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for fn, ts in zip(fns, times):
-            t = time.perf_counter()
+            t = time.process_time()
             for b in blobs:
                 fn(b, s)
-            ts.append(time.perf_counter() - t)
+            ts.append(time.process_time() - t)
     return [len(blobs) / statistics.median(ts) for ts in times]
 
 
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
                         print(json.dumps(tol[-1]), flush=True)
     import PIL
 
-    result = {"speed": speed, "tolerance": tol, "repeats": a.repeats, "threads": 1,
+    result = {"speed": speed, "tolerance": tol, "repeats": a.repeats, "threads": 1, "clock": "process_time",
               "naive": "Image.open(BytesIO(b)).convert('RGB') + ImageOps.fit(img, (s, s), BICUBIC)",
               "vaepipe": "pipeline.decode.decode_image(b, 3, s) (center-crop)",
               "pillow": PIL.__version__, "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
