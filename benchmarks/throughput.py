@@ -22,6 +22,7 @@ start, imports and model load. Variants are interleaved and repeated; medians ar
 
     .venv/bin/python benchmarks/throughput.py            # full (~30 min on a quiet machine)
     .venv/bin/python benchmarks/throughput.py --quick    # smoke run (< 2 min)
+    .venv/bin/python benchmarks/throughput.py --photos --checkpoint CKPT  # photos: benchmarks/throughput_photos.py
 """
 from __future__ import annotations
 
@@ -652,5 +653,9 @@ def child_main(argv: list[str]) -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1].startswith("child-"):
         child_main(sys.argv[1:])
+    elif "--photos" in sys.argv:  # 64 px RGB from ~1000 px JPEGs: a, b, c on photos (throughput_photos.py)
+        import throughput_photos
+
+        throughput_photos.main([a for a in sys.argv[1:] if a != "--photos"])
     else:
         main()
