@@ -301,6 +301,7 @@ def main(argv: list[str] | None = None) -> None:
         result["cases"]["elpv"] = {"checkpoint": ck, "training": budget, "facts": checkpoint_facts(ck),
                                    "normal": "held-out probability-0 cells", "results": res}
         print_case("elpv: held-out normal cells vs defective cells (64 px greyscale)", res)
+        save(out, result, "elpv")
     if "shift" in cases or "corrupt" in cases:
         facts = checkpoint_facts(args.photo_checkpoint)
     if "shift" in cases:
@@ -314,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
         result["cases"]["shift"] = {"checkpoint": args.photo_checkpoint, "facts": facts,
                                     "normal": "photo test crops", "results": res}
         print_case(f"shift: photo test crops vs nonphoto/ and gray/ ({facts['config']['image_size']} px)", res)
+        save(out, result, "shift")
     if "corrupt" in cases:
         data = corrupt_sets(args.photo_checkpoint, args.corrupt_n)
         res = run_case(data, args.photo_checkpoint, "corrupt", "clean", args.iwae_k)
@@ -322,8 +324,13 @@ def main(argv: list[str] | None = None) -> None:
                                                       for k, v in CORRUPTIONS.items()},
                                       "normal": "the same crops clean, PNG at the model's size", "results": res}
         print_case(f"corrupt: clean vs corrupted test crops at {facts['config']['image_size']} px", res)
-    for c in cases:  # which command and when, per case (a later run of other cases keeps these)
-        result["cases"][c] |= {"argv": sys.argv, "when": result["when"]}
+        save(out, result, "corrupt")
+
+
+def save(out: Path, result: dict, case: str) -> None:
+    """Write the results after each case (a run cut short keeps the cases it finished); each case
+    records its own command and time (a later run of other cases keeps them)."""
+    result["cases"][case] |= {"argv": sys.argv, "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     common.write_json(out, result)
 
 
