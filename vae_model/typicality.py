@@ -13,33 +13,23 @@ posterior mean among the validation images' posterior means, p(z) ~ 1 / r_1(z)^m
 the distance to the nearest reference latent and m the intrinsic dimension of the reference set
 (Levina & Bickel 2004 maximum-likelihood estimate; the latent has D coordinates but the images
 occupy a lower-dimensional part of it). Images of another domain land away from every validation
-image even when their likelihood statistics look ordinary.
+image even when their likelihood statistics look ordinary. The score is the sum of the two
+-log densities (their product density, treating the views as independent):
 
-The score (``typicality_v3``, issue 14) does not add these views but tests them: each of the
-statistics -ELBO, complexity, KDE -log density and kNN -log density gets its tail probability
-under the validation reference (:class:`vae_model.combine.TailCDF`; the densities' reference
-values leave-one-out), the p-values are combined by Fisher's method (or the minimum p-value:
-``rule``), and the combined statistic is calibrated on validation images that fitted nothing:
-
-    typicality(x) = -log10 P_ref(Fisher(x) >= Fisher_observed)   (3 = one normal image in 1,000)
-
-so that each statistic counts by how rare its value is among normal images, not by its units
-(the old sum let the kNN term's scale decide), and thresholds and percentiles are those of a
-calibrated p-value. References of
-earlier versions (``typicality_v2``: the sum -log p_KDE + m log r_1; KDE-only) keep their score.
+    typicality(x) = -log p_KDE(-ELBO bits, L(x)) + m * log r_1(mu(x))
 
 The reference is stored in the checkpoint's metadata (a few thousand points), so scoring needs
 no data at run time; ``vaepipe calibrate`` refits it on other held-out images.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+
+import math
 from typing import Any
 
 import numpy as np
 
-from .combine import DEFAULT_RULE, RULES, TailCDF, combine
 from .errors import ConfigError
 
 FEATURES = ("neg_elbo_bits", "code_bits")
@@ -129,19 +119,6 @@ class KDEReference:
             out[i:i + chunk] = -(top + np.log(logk.sum(1)) - np.log(len(self.points)))
         return out
 
-    def loo_score(self, chunk: int = 512) -> np.ndarray:
-        """:meth:`score` of each reference point against the others (leave-one-out): what a new
-        image's score is distributed like, from the reference alone."""
-        out = np.empty(len(self.points))
-        scale = -0.5 / self.bandwidth ** 2
-        p_sq = (self.points ** 2).sum(1)
-        for i in range(0, len(self.points), chunk):
-            logk = _sq_dists(self.points[i:i + chunk], self.points, p_sq) * scale
-            np.fill_diagonal(logk[:, i:i + chunk], -np.inf)
-            top = logk.max(1)
-            out[i:i + chunk] = -(top + np.log(np.exp(logk - top[:, None]).sum(1)) - np.log(len(self.points) - 1))
-        return out
-
     def to_dict(self) -> dict:
         return {"kind": "gaussian_kde_whitened", "features": list(self.features), "mean": self.mean.tolist(),
                 "whiten": self.whiten.tolist(), "bandwidth": self.bandwidth,
@@ -217,16 +194,6 @@ class LatentKNN:
     def score(self, latents: np.ndarray) -> np.ndarray:
         return self.dim * np.log(self.nearest(latents))
 
-    def loo_score(self, chunk: int = 512) -> np.ndarray:
-        """:meth:`score` of each reference point against the others (leave-one-out)."""
-        ref_sq = (self.points ** 2).sum(1)
-        out = np.empty(len(self.points))
-        for i in range(0, len(self.points), chunk):
-            d2 = _sq_dists(self.points[i:i + chunk], self.points, ref_sq)
-            np.fill_diagonal(d2[:, i:i + chunk], np.inf)
-            out[i:i + chunk] = np.sqrt(d2.min(1))
-        return self.dim * np.log(np.maximum(out, self.floor))
-
     def to_dict(self) -> dict:
         return {"kind": "latent_knn", "dim": self.dim, "floor": self.floor,
                 "points": np.round(self.points, 5).tolist()}
@@ -237,94 +204,23 @@ class LatentKNN:
         return cls(_array(d, "points", where, 2), _positive(d, "dim", where), _positive(d, "floor", where))
 
 
-# The statistics the recommended score combines, each one-sided (large = anomalous: vae_model.combine), so
-# that each p-value is a monotone function of one of the single scores (``--score elbo``, ``complexity``,
-# the KDE and the latent kNN density); too-likely images are the KDE's to catch (issue 14: two-sided
-# -ELBO and complexity lost to the one-sided ones on the battery's development half).
-STATISTICS = (("nll_bits", "upper"), ("complexity", "upper"), ("kde", "upper"), ("knn", "upper"))
-ALL_STATISTICS = tuple(name for name, _ in STATISTICS)
-DEFAULT_USES = ALL_STATISTICS  # what the score combines (issue 14: chosen on the battery's development half)
-COMBINED_KIND = "typicality_v3"
-
-
 @dataclass
 class TypicalityReference:
-    """The reference of the ``typicality`` score.
-
-    Written since ``typicality_v3`` (``tails`` set): the score combines the tail probabilities of
-    :data:`STATISTICS` under the validation reference by ``rule`` (:func:`vae_model.combine.combine`)
-    and reports the combined p-value, calibrated on validation images that fitted nothing else,
-    as ``-log10 p`` (3 = as rare as one normal image in a thousand). Older references (``tails``
-    None: ``typicality_v2`` and the KDE-only kind) keep their score, the sum of the two -log
-    densities, so that their rows do not change; ``vaepipe calibrate`` upgrades them.
-    """
+    """Both views; ``latent`` is None for references written before it existed (KDE only)."""
 
     kde: KDEReference
     latent: LatentKNN | None = None
-    tails: dict[str, TailCDF] | None = None
-    rule: str = DEFAULT_RULE
-    final: TailCDF | None = None
-    uses: tuple[str, ...] = DEFAULT_USES  # the statistics the rule combines (a design choice: BENCHMARKS.md)
 
     @classmethod
-    def fit(cls, feats: np.ndarray, latents: np.ndarray, calib_feats: np.ndarray | None = None,
-            calib_latents: np.ndarray | None = None, rule: str = DEFAULT_RULE,
-            uses: tuple[str, ...] | None = None) -> "TypicalityReference":
-        """Densities on (``feats``, ``latents``); each statistic's tail model on the same images,
-        leave-one-out for the densities; the combined statistic's calibration on
-        (``calib_feats``, ``calib_latents``), images that fitted nothing else. Without them, the
-        two-density sum of ``typicality_v2`` (kept for tests of that older score)."""
-        ref = cls(KDEReference.fit(feats), LatentKNN.fit(latents))
-        if calib_feats is None:
-            return ref
-        if rule not in RULES:
-            raise ValueError(f"combination rule {rule!r}: choose one of {', '.join(RULES)}")
-        uses = tuple(uses or DEFAULT_USES)
-        if not uses or not set(uses) <= set(ALL_STATISTICS):
-            raise ValueError(f"statistics {list(uses)}: choose among {list(ALL_STATISTICS)}")
-        feats = np.asarray(feats, dtype=np.float64)
-        own = {"nll_bits": feats[:, 0], "complexity": feats[:, 0] - feats[:, 1], "kde": ref.kde.loo_score(),
-               "knn": ref.latent.loo_score()}
-        tails = {name: TailCDF.fit(own[name], side) for name, side in STATISTICS}
-        ref = cls(ref.kde, ref.latent, tails, rule, uses=uses)
-        ref.final = TailCDF.fit(ref.combined(calib_feats, calib_latents), "upper")
-        return ref
-
-    def statistics(self, feats: np.ndarray, latents: np.ndarray) -> dict[str, np.ndarray]:
-        """Every statistic of :data:`STATISTICS` for images with (-ELBO bits, coder bits)
-        ``feats`` (B, 2) and posterior means ``latents`` (B, D); higher = less like the reference
-        (``nll_bits`` and ``complexity`` in bits: their reference may also flag low values)."""
-        feats = np.asarray(feats, dtype=np.float64)
-        out = {"nll_bits": feats[:, 0], "complexity": feats[:, 0] - feats[:, 1], "kde": self.kde.score(feats)}
-        if self.latent is not None:
-            out["knn"] = self.latent.score(latents)
-        return out
-
-    def log_pvalues(self, feats: np.ndarray, latents: np.ndarray) -> np.ndarray:
-        """(B, K) natural-log tail probabilities of the statistics, in :data:`STATISTICS` order."""
-        if self.tails is None:
-            raise ValueError("this typicality reference predates tail probabilities: run `vaepipe calibrate`")
-        stats = self.statistics(feats, latents)
-        return np.stack([self.tails[name].log_p(stats[name]) for name, _ in STATISTICS], 1)
-
-    def combined(self, feats: np.ndarray, latents: np.ndarray, rule: str | None = None,
-                 uses: tuple[str, ...] | None = None) -> np.ndarray:
-        """The combined statistic of ``uses`` by ``rule`` (default: the stored ones), before calibration."""
-        cols = [ALL_STATISTICS.index(name) for name in (uses or self.uses)]
-        return combine(self.log_pvalues(feats, latents)[:, cols], rule or self.rule)
+    def fit(cls, feats: np.ndarray, latents: np.ndarray) -> "TypicalityReference":
+        return cls(KDEReference.fit(feats), LatentKNN.fit(latents))
 
     def score(self, feats: np.ndarray, latents: np.ndarray) -> np.ndarray:
-        if self.tails is None or self.final is None:  # an older reference: its own score, unchanged
-            s = self.kde.score(feats)
-            return s if self.latent is None else s + self.latent.score(latents)
-        return -self.final.log_sf(self.combined(feats, latents)) / math.log(10.0)
+        s = self.kde.score(feats)
+        return s if self.latent is None else s + self.latent.score(latents)
 
     def to_dict(self) -> dict:
-        d = {"kind": "typicality_v2", "kde": self.kde.to_dict(), "latent": self.latent.to_dict()}
-        if self.tails is not None and self.final is not None:
-            d.update(kind=COMBINED_KIND, rule=self.rule, uses=list(self.uses), final=self.final.to_dict(),
-                     tails={name: t.to_dict() for name, t in self.tails.items()})
-        return d
+        return {"kind": "typicality_v2", "kde": self.kde.to_dict(), "latent": self.latent.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict, latent_dim: int | None = None) -> "TypicalityReference":
@@ -333,25 +229,13 @@ class TypicalityReference:
         computes and, given ``latent_dim``, that the latent view fits the model. Raises
         :class:`ReferenceFormatError` (a ConfigError, hence a ValueError) naming the field."""
         kind = _field(d, "kind", "")
-        if kind in ("typicality_v2", COMBINED_KIND):
+        if kind == "typicality_v2":
             ref = cls(KDEReference.from_dict(_field(d, "kde", "")), LatentKNN.from_dict(_field(d, "latent", "")))
         elif kind == "gaussian_kde_whitened":
             ref = cls(KDEReference.from_dict(d, where=""))  # a KDE-only reference of an earlier version
         else:
             raise ReferenceFormatError(f"typicality reference: kind {repr(kind)[:40]} is not one this vaepipe reads "
-                                       f"({COMBINED_KIND}, typicality_v2 or gaussian_kde_whitened); upgrade vaepipe "
-                                       "or recalibrate")
-        if kind == COMBINED_KIND:
-            rule = _field(d, "rule", "")
-            if rule not in RULES:
-                raise ReferenceFormatError(f"typicality reference: rule {repr(rule)[:40]} is not one of {list(RULES)}")
-            tails = _field(d, "tails", "")
-            ref.tails = {name: _tail(_field(tails, name, "tails"), f"tails.{name}", side) for name, side in STATISTICS}
-            ref.rule, ref.final = rule, _tail(_field(d, "final", ""), "final", "upper")
-            uses = d.get("uses", list(ALL_STATISTICS))
-            if not (isinstance(uses, list) and uses and all(isinstance(u, str) and u in ALL_STATISTICS for u in uses)):
-                raise ReferenceFormatError(f"typicality reference: uses must list some of {list(ALL_STATISTICS)}")
-            ref.uses = tuple(uses)
+                                       "(typicality_v2 or gaussian_kde_whitened); upgrade vaepipe or recalibrate")
         if ref.kde.features != FEATURES:
             raise ReferenceFormatError(f"typicality reference: kde.features {list(ref.kde.features)} are not the "
                                        f"features scoring computes {list(FEATURES)}")
@@ -360,16 +244,6 @@ class TypicalityReference:
                                        f"the model's latent is {latent_dim}-d")
         return ref
 
-
-def _tail(d: Any, where: str, side: str) -> TailCDF:
-    """A :meth:`TailCDF.to_dict`, checked: non-decreasing finite knots, positive scales, the side
-    :data:`STATISTICS` gives the statistic."""
-    knots = _array(d, "knots", where, 1)
-    if len(knots) < 2 or (np.diff(knots) < 0).any():
-        raise ReferenceFormatError(f"typicality reference: {where}.knots must be at least 2 non-decreasing numbers")
-    if _field(d, "side", where) != side:
-        raise ReferenceFormatError(f"typicality reference: {where}.side must be {side!r}")
-    return TailCDF(knots, _positive(d, "lo_scale", where), _positive(d, "hi_scale", where), side)
 
 
 def required_reference(score: str, reference: Any, source: str = "the checkpoint") -> Any:
