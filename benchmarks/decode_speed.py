@@ -130,23 +130,20 @@ def main(argv: list[str] | None = None) -> dict:
         for side in SIDES:
             paths = photoset.sources_at(Path(tmp) / str(side), side, a.n)
             blobs = [p.read_bytes() for p in paths]
-            for s in TARGETS:
-                r_naive, r_ours = images_per_s((naive, ours), blobs, s, a.repeats)
-                row = {"source_short_side": side, "target": s, "format": "JPEG", "images": len(blobs),
-                       "naive_img_s": round(r_naive, 1), "vaepipe_img_s": round(r_ours, 1),
-                       "ratio": round(r_ours / r_naive, 2)}
-                speed.append(row)
-                print(json.dumps(row), flush=True)
-            if side in (1000, 2000):
-                blobs = blobs[:a.tolerance_n]
-                pngs = reencode(blobs, "PNG")
-                for s in TARGETS:  # the other formats' fast path: speed of a lossless PNG of the same photos
-                    r_naive, r_ours = images_per_s((naive, ours), pngs, s, a.repeats)
-                    row = {"source_short_side": side, "target": s, "format": "PNG", "images": len(pngs),
+            def measure(fmt: str, data: list[bytes], side: int = side) -> None:
+                for s in TARGETS:
+                    r_naive, r_ours = images_per_s((naive, ours), data, s, a.repeats)
+                    row = {"source_short_side": side, "target": s, "format": fmt, "images": len(data),
                            "naive_img_s": round(r_naive, 1), "vaepipe_img_s": round(r_ours, 1),
                            "ratio": round(r_ours / r_naive, 2)}
                     speed.append(row)
                     print(json.dumps(row), flush=True)
+
+            measure("JPEG", blobs)
+            if side in (1000, 2000):
+                blobs = blobs[:a.tolerance_n]
+                pngs = reencode(blobs, "PNG")
+                measure("PNG", pngs)  # the other formats' fast path: speed of a lossless PNG of the same photos
                 for fmt, data in (("JPEG", blobs), ("PNG", pngs), ("WEBP", reencode(blobs, "WEBP"))):
                     for row in tolerance(data, fmt):
                         tol.append({"source_short_side": side, **row})
