@@ -50,11 +50,13 @@ def main() -> None:
     ap.add_argument("--size", type=int, required=True)
     ap.add_argument("--model", action="append", default=[], metavar="LABEL=CHECKPOINT")
     ap.add_argument("--iwae-k", type=int, default=16)
+    ap.add_argument("--no-coders", action="store_true", help="models only (the coders' figures do not change)")
     ap.add_argument("--out", default=None, help="JSON results file")
     a = ap.parse_args()
     files = sorted(Path(a.test).glob("*.jpg"))
     t0 = time.perf_counter()
-    result = {"size": a.size, "test_images": len(files), "coders": coder_bits_per_dim(files, a.size),
+    result = {"size": a.size, "test_images": len(files),
+              "coders": None if a.no_coders else coder_bits_per_dim(files, a.size),
               "coder_seconds": round(time.perf_counter() - t0, 1), "models": {}}
     print(json.dumps(result["coders"]))
     if a.model:
