@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 # must be added here or to ROW_NEUTRAL_OPTIONS: this test fails until it is.
 OTHER_VALUE = {"score": "iwae", "iwae_k": 8, "threshold_quantile": 0.5, "run_date": "2026-01-02",
                "precision": "bf16", "seed": 3, "max_pixels": 1000, "max_member_bytes": 1000,
-               "max_sidecar_bytes": 10}
+               "max_sidecar_bytes": 10, "resize": "pad"}
 NEUTRAL_VALUE = {"checkpoint": "other.safetensors", "out_url": "/elsewhere", "batch_size": 7, "device": "cpu",
                  "skip_existing": False, "torch_threads": 3, "storage_options": {"anon": True},
                  "mode": "overwrite", "lease_owner": "x", "driver": {"pid": 1}, "fail_on_drift": True,
