@@ -17,30 +17,26 @@ The models' figures are the test set's mean negative ELBO and IWAE-k bound in bi
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import time
 from pathlib import Path
 
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.decode import decode_image  # noqa: E402
+from vae_model.scoring import compressed_bits  # noqa: E402
 
 
 def coder_bits_per_dim(files: list[Path], size: int) -> dict[str, float]:
-    sums = {"png": 0, "webp_lossless": 0}
+    sums = {"png": 0.0, "webp_lossless": 0.0}
     for f in files:
-        img = Image.fromarray(decode_image(f.read_bytes(), 3, size).transpose(1, 2, 0))
-        for name, kw in (("png", dict(format="PNG", optimize=True)),
-                         ("webp_lossless", dict(format="WEBP", lossless=True, quality=100, method=6))):
-            buf = io.BytesIO()
-            img.save(buf, **kw)
-            sums[name] += len(buf.getvalue())
+        img = decode_image(f.read_bytes(), 3, size)
+        sums["png"] += compressed_bits(img, "png")
+        sums["webp_lossless"] += compressed_bits(img, "webp", webp_method=6)
     dims = 3 * size * size * len(files)
-    return {name: 8 * total / dims for name, total in sums.items()}
+    return {name: total / dims for name, total in sums.items()}
 
 
 def main() -> None:
