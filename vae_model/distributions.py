@@ -65,8 +65,8 @@ class BernoulliPixels:
 
     params_per_channel = 1
 
-    def __init__(self, params: torch.Tensor) -> None:
-        self.logits = params  # (B, C, H, W)
+    def __init__(self, params: torch.Tensor, channels: int | None = None, mixtures: int = 1) -> None:
+        self.logits = params  # (B, C, H, W); channels and mixtures: the common signature (pixel_distribution)
 
     @classmethod
     def num_params(cls, channels: int, mixtures: int = 1) -> int:
@@ -116,7 +116,7 @@ class DiscretizedLogisticPixels:
     params_per_channel = 2
     log_scale_min = -7.0
 
-    def __init__(self, params: torch.Tensor) -> None:
+    def __init__(self, params: torch.Tensor, channels: int | None = None, mixtures: int = 1) -> None:
         loc, log_scale = params.chunk(2, dim=1)  # each (B, C, H, W)
         self.loc = loc
         self.log_scale = log_scale.clamp(min=self.log_scale_min)
@@ -234,6 +234,4 @@ PIXEL_LIKELIHOODS = {"bernoulli": BernoulliPixels, "discretized_logistic": Discr
 
 def pixel_distribution(name: str, params: torch.Tensor, channels: int, mixtures: int):
     """The pixel likelihood ``name`` over decoder outputs ``params`` (B, num_params, H, W)."""
-    if name == "logistic_mixture":
-        return LogisticMixturePixels(params, channels, mixtures)
-    return PIXEL_LIKELIHOODS[name](params)
+    return PIXEL_LIKELIHOODS[name](params, channels, mixtures)
