@@ -159,6 +159,11 @@ def shards(source: str, out_url: str, fmt: str, shard_size: int, limit: int | No
               help="Conv trunk: plain (default) or resnet (GroupNorm residual blocks).")
 @click.option("--blocks", type=click.IntRange(1, 8), default=None, help="Residual blocks per level (resnet; default 1).")
 @click.option("--mixtures", type=click.IntRange(1, 32), default=None, help="Logistic components (logistic_mixture; default 5).")
+@click.option("--context-layers", type=click.IntRange(0, 8), default=None,
+              help="A local autoregressive pixel context with this many masked conv layers (0: none, the default): "
+                   "each pixel's likelihood also sees its causal neighbours. Tighter bits/dim on photos; sampling and "
+                   "reconstruction become sequential over the pixels.")
+@click.option("--context-width", type=click.IntRange(1, 1024), default=None, help="Channels of the pixel context (default 64).")
 @click.option("--beta", default=1.0, show_default=True, help="KL weight (1.0 = true ELBO).")
 @click.option("--kl-warmup-steps", default=1000, show_default=True)
 @click.option("--batch-size", default=128, show_default=True)
@@ -181,8 +186,9 @@ def shards(source: str, out_url: str, fmt: str, shard_size: int, limit: int | No
 @handle_errors
 def train(data_url: str, out: str, val_url: str | None, val_fraction: float, epochs: int, time_limit: float | None,
           image_size: int, channels: int, latent_dim: int | None, widths: str | None, hidden_dim: int | None,
-          likelihood: str | None, arch: str | None, blocks: int | None, mixtures: int | None, beta: float,
-          kl_warmup_steps: int, batch_size: int, lr: float, lr_schedule: str, cache_mb: int,
+          likelihood: str | None, arch: str | None, blocks: int | None, mixtures: int | None,
+          context_layers: int | None, context_width: int | None, beta: float, kl_warmup_steps: int,
+          batch_size: int, lr: float, lr_schedule: str, cache_mb: int,
           grad_clip: float, grad_clip_factor: float, patience: int, seed: int, num_workers: int, precision: str,
           resume: bool, quiet: bool, storage_options: str | None, resize: str) -> None:
     """Train a VAE on the shards at DATA_URL; write the best checkpoint to --out.
@@ -202,7 +208,7 @@ def train(data_url: str, out: str, val_url: str | None, val_fraction: float, epo
         raise click.BadParameter("use 1 (grayscale) or 3 (RGB)", param_hint="--channels")
     model: dict[str, Any] = dict(image_size=image_size, channels=channels, beta=beta)
     given = dict(latent_dim=latent_dim, hidden_dim=hidden_dim, likelihood=likelihood, arch=arch, blocks=blocks,
-                 mixtures=mixtures)
+                 mixtures=mixtures, context_layers=context_layers, context_width=context_width)
     model.update({k: v for k, v in given.items() if v is not None})  # the rest: VAEConfig.default_for
     if widths:
         try:

@@ -55,6 +55,8 @@ class VAEConfig:
     arch: str = "plain"  # plain: two convs per level; resnet: residual blocks with GroupNorm (photos)
     blocks: int = 1  # residual blocks per level (resnet)
     mixtures: int = 5  # logistic components per pixel (likelihood logistic_mixture)
+    context_layers: int = 0  # > 0: a local autoregressive pixel context with this many masked layers (vae_model.context)
+    context_width: int = 64  # channels of that context
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
@@ -84,6 +86,12 @@ class VAEConfig:
             raise ConfigError(f"blocks={self.blocks}: use 1 to 8 residual blocks per level")
         if not 1 <= self.mixtures <= 32:
             raise ConfigError(f"mixtures={self.mixtures}: use 1 to 32 logistic components")
+        if not 0 <= self.context_layers <= 8:
+            raise ConfigError(f"context_layers={self.context_layers}: use 0 (no pixel context) to 8 masked layers")
+        if not 1 <= self.context_width <= 1024:
+            raise ConfigError(f"context_width={self.context_width}: use 1 to 1024 channels")
+        if self.context_layers and self.likelihood == "bernoulli":
+            raise ConfigError("context_layers needs a discretized_logistic or logistic_mixture likelihood, not bernoulli")
 
     @property
     def num_dims(self) -> int:

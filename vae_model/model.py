@@ -14,6 +14,7 @@ from torch import nn
 
 from . import losses
 from .config import VAEConfig
+from .context import ContextPixels, PixelContext
 from .distributions import PIXEL_LIKELIHOODS, DiagonalGaussian, pixel_distribution, standard_normal_log_prob
 from .noise import NOISE_BLOCK, iwae_noise_for_keys, noise_for_keys  # noqa: F401  (moved to vae_model.noise; old imports keep working)
 
@@ -136,6 +137,8 @@ class VAE(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
+        self.context = (PixelContext(cfg.channels, num_pixel_params(cfg), cfg.context_width, cfg.context_layers)
+                        if cfg.context_layers else None)
 
     # -- data ----------------------------------------------------------------------------
     def prepare(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,7 +164,8 @@ class VAE(nn.Module):
         return DiagonalGaussian(mean, logvar, self.cfg.logvar_min, self.cfg.logvar_max)
 
     def decode(self, z: torch.Tensor, precise: bool = False):
-        """z (..., D) -> pixel distribution over (prod(...), C, H, W).
+        """z (..., D) -> pixel distribution over (prod(...), C, H, W) (with ``context_layers``, a
+        :class:`~vae_model.context.ContextPixels`: autoregressive over a small causal window).
 
         ``precise`` evaluates the likelihood in float64: its per-pixel terms cancel and sum over
         thousands of pixels, which in float32 leaves rounding noise that depends on batch size
@@ -169,6 +173,8 @@ class VAE(nn.Module):
         training does not need it."""
         params = self.decoder(z.reshape(-1, z.shape[-1]))
         c = self.cfg
+        if self.context is not None:
+            return ContextPixels(c.likelihood, params, c.channels, c.mixtures, self.context, precise)
         return pixel_distribution(c.likelihood, params.double() if precise else params, c.channels, c.mixtures)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> ElboTerms:
