@@ -166,6 +166,9 @@ def shards(source: str, out_url: str, fmt: str, shard_size: int, limit: int | No
 @click.option("--context-width", type=click.IntRange(1, 1024), default=None, help="Channels of the pixel context (default 64).")
 @click.option("--beta", default=1.0, show_default=True, help="KL weight (1.0 = true ELBO).")
 @click.option("--kl-warmup-steps", default=1000, show_default=True)
+@click.option("--free-bits", default=0.0, show_default=True,
+              help="Free bits (nats per latent dimension) in the training loss: keeps the latent in use when the "
+                   "decoder could model the pixels alone (--context-layers). Reported figures stay the true ELBO.")
 @click.option("--batch-size", default=128, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
@@ -187,7 +190,7 @@ def shards(source: str, out_url: str, fmt: str, shard_size: int, limit: int | No
 def train(data_url: str, out: str, val_url: str | None, val_fraction: float, epochs: int, time_limit: float | None,
           image_size: int, channels: int, latent_dim: int | None, widths: str | None, hidden_dim: int | None,
           likelihood: str | None, arch: str | None, blocks: int | None, mixtures: int | None,
-          context_layers: int | None, context_width: int | None, beta: float, kl_warmup_steps: int,
+          context_layers: int | None, context_width: int | None, beta: float, kl_warmup_steps: int, free_bits: float,
           batch_size: int, lr: float, lr_schedule: str, cache_mb: int,
           grad_clip: float, grad_clip_factor: float, patience: int, seed: int, num_workers: int, precision: str,
           resume: bool, quiet: bool, storage_options: str | None, resize: str) -> None:
@@ -217,7 +220,7 @@ def train(data_url: str, out: str, val_url: str | None, val_fraction: float, epo
             raise click.BadParameter("comma-separated integers, e.g. 32,64", param_hint="--widths") from None
     cfg = TrainConfig(data_url=data_url, out=out, val_url=val_url, val_fraction=val_fraction, epochs=epochs,
                       time_limit=time_limit, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule,
-                      cache_bytes=max(cache_mb, 0) << 20, kl_warmup_steps=kl_warmup_steps,
+                      cache_bytes=max(cache_mb, 0) << 20, kl_warmup_steps=kl_warmup_steps, free_bits=free_bits,
                       grad_clip=grad_clip, grad_clip_factor=grad_clip_factor,
                       patience=patience, seed=seed, num_workers=num_workers, precision=precision, resume=resume,
                       model=model, storage_options=_so(storage_options), resize=resize)

@@ -63,6 +63,7 @@ class TrainConfig:
     lr_min_ratio: float = 0.02
     weight_decay: float = 1e-4
     kl_warmup_steps: int = 1000
+    free_bits: float = 0.0  # nats per latent dimension (losses.free_bits_kl); 0: the plain ELBO
     grad_clip: float = 0.0  # absolute limit on the gradient norm (0: none)
     grad_clip_factor: float = 5.0  # limit = factor x median of the last GRAD_WINDOW norms (0: none)
     patience: int = 5  # epochs without validation improvement before stopping
@@ -279,7 +280,8 @@ def train_step(session: Session, state: TrainState, x: torch.Tensor) -> dict[str
     beta = losses.kl_warmup_weight(state.step, cfg.kl_warmup_steps, session.model_cfg.beta)
     with autocast(session.device, session.precision):
         terms = model(x, generator=session.gen)
-    loss = losses.negative_elbo(terms.recon_nll, terms.kl, beta).mean()
+    kl = losses.free_bits_kl(terms.kl_dims, cfg.free_bits) if cfg.free_bits > 0 else terms.kl
+    loss = losses.negative_elbo(terms.recon_nll, kl, beta).mean()
     session.opt.zero_grad(set_to_none=True)
     loss.backward()
     norm, limit = clipped_step(model, session.opt, cfg, state)

@@ -146,3 +146,13 @@ def test_cli_trains_evaluates_and_generates_with_a_pixel_context(tmp_path):
     assert res.exit_code == 0, res.output
     res = invoke("train", shards, "--out", tmp_path / "x.safetensors", "--likelihood", "bernoulli", "--context-layers", 1)
     assert res.exit_code != 0 and "bernoulli" in res.output and "Traceback" not in res.output
+
+
+def test_free_bits_floor_each_dimension_and_leave_the_rest():
+    from vae_model import losses
+    kl = torch.tensor([[0.1, 2.0, 0.3], [0.2, 4.0, 0.5]], requires_grad=True)  # batch means 0.15, 3.0, 0.4
+    out = losses.free_bits_kl(kl, 0.35)
+    torch.testing.assert_close(out.mean(), torch.tensor(0.35 + 3.0 + 0.4))
+    out.sum().backward()
+    assert kl.grad[:, 0].eq(0).all() and kl.grad[:, 1:].eq(1).all()  # only the floored dimension gets no push
+    torch.testing.assert_close(losses.free_bits_kl(kl, 0.0), kl.sum(-1))

@@ -48,7 +48,11 @@ class DiagonalGaussian:
 
     def kl(self) -> torch.Tensor:
         """Analytic KL(q || N(0, I)) per sample: (B,). Kingma & Welling 2014, appendix B."""
-        return 0.5 * (self.mean ** 2 + self.logvar.exp() - 1.0 - self.logvar).sum(-1)
+        return self.kl_per_dim().sum(-1)
+
+    def kl_per_dim(self) -> torch.Tensor:
+        """The KL of each latent dimension: (B, D)."""
+        return 0.5 * (self.mean ** 2 + self.logvar.exp() - 1.0 - self.logvar)
 
 
 def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:

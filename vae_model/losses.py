@@ -21,6 +21,20 @@ def negative_elbo(recon_nll: torch.Tensor, kl: torch.Tensor, beta: float = 1.0) 
     return recon_nll + beta * kl
 
 
+def free_bits_kl(kl_dims: torch.Tensor, free_bits: float) -> torch.Tensor:
+    """The KL term of the free-bits objective (Kingma et al. 2016, IAF, eq. 15), per sample (B,).
+
+    ``kl_dims`` is (B, D). A latent dimension whose batch-mean KL is below ``free_bits`` nats
+    contributes the constant ``free_bits`` (no gradient pushing its KL down); the others their
+    KL. The batch mean is sum_d max(free_bits, mean_b KL_bd). Training only: this is not a
+    bound, and what is reported stays the true ELBO. It keeps a decoder that could model the
+    pixels alone (a pixel context) from collapsing the posterior onto the prior."""
+    if free_bits <= 0:
+        return kl_dims.sum(-1)
+    used = kl_dims.detach().mean(0, keepdim=True) >= free_bits  # (1, D)
+    return torch.where(used, kl_dims, torch.full_like(kl_dims, free_bits)).sum(-1)
+
+
 def bits_per_dim(nats: torch.Tensor, num_dims: int) -> torch.Tensor:
     """Convert a per-image negative log-likelihood in nats to bits per pixel value."""
     return nats / (num_dims * LN2)

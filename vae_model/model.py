@@ -31,6 +31,7 @@ class ElboTerms:
     neg_elbo: torch.Tensor  # recon_nll + kl, nats (>= -log p(x))
     bits_per_dim: torch.Tensor  # neg_elbo in bits per pixel value
     mean: torch.Tensor  # posterior mean: the embedding
+    kl_dims: torch.Tensor | None = None  # (B, latent_dim): the KL of each latent dimension
 
 
 def _level(cin: int, cout: int, down: bool) -> nn.Sequential:
@@ -188,9 +189,10 @@ class VAE(nn.Module):
         q = self.encode(x_in)
         z = q.sample(generator=generator, eps=eps) if sample else q.mode()
         recon = self.decode(z, precise).nll(target.double() if precise else target)
-        kl = q.kl().double() if precise else q.kl()
+        kl_dims = q.kl_per_dim()
+        kl = kl_dims.sum(-1).double() if precise else kl_dims.sum(-1)
         neg = losses.negative_elbo(recon, kl)
-        return ElboTerms(recon, kl, neg, losses.bits_per_dim(neg, self.cfg.num_dims), q.mean)
+        return ElboTerms(recon, kl, neg, losses.bits_per_dim(neg, self.cfg.num_dims), q.mean, kl_dims)
 
     def iwae(self, x: torch.Tensor, k: int, generator: torch.Generator | None = None,
              eps: torch.Tensor | Callable[[int, int], torch.Tensor] | None = None, chunk_size: int | None = None,
