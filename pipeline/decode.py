@@ -140,7 +140,8 @@ def decode_with(data: bytes, channels: int, size: int, max_pixels: int | None = 
         if img.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):  # rotated by 90 degrees: the axes swap
             w, h = h, w
         img.load()
-        img = ImageOps.exif_transpose(img)
+        if img.getexif().get(_ORIENTATION, 1) in (2, 3, 4, 5, 6, 7, 8):  # else upright: exif_transpose would copy
+            img = ImageOps.exif_transpose(img)
     except ImageTooLargeError:
         raise
     except UnidentifiedImageError:
@@ -152,7 +153,8 @@ def decode_with(data: bytes, channels: int, size: int, max_pixels: int | None = 
     transform = _icc_transform(img)
     if transform is None:  # sRGB (or no usable profile): convert first, so the resize moves fewer bands
         img = _to_8bit(img, gray=channels == 1)
-        img = img.convert("L" if channels == 1 else "RGB")
+        if img.mode != ("L" if channels == 1 else "RGB"):  # convert() to the same mode would copy
+            img = img.convert("L" if channels == 1 else "RGB")
     elif img.mode != "CMYK":  # RGB in the profile's space, alpha over white: transformed once resized
         img = _to_8bit(img).convert("RGB")
     img = _fit(img, (w, h), scale, size, resize, reducing_gap)

@@ -257,3 +257,20 @@ def test_srgb_profile_changes_nothing():
     srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (20, 30, 3), dtype=np.uint8))
     assert np.array_equal(decode_image(encode(img, "PNG", icc_profile=srgb), 3, 10), decode_image(encode(img), 3, 10))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+@pytest.mark.parametrize("orientation", range(0, 10))
+def test_every_exif_orientation_is_shown_as_a_viewer_would(fmt, orientation):
+    # 0 and 9 are not orientations: upright, as 1 is (the decoder skips exif_transpose for those)
+    from PIL import ImageOps
+
+    img = Image.fromarray(np.random.default_rng(orientation).integers(0, 256, (12, 18, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(img, fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
+    viewed = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    assert viewed.size == ((12, 18) if orientation in (5, 6, 7, 8) else (18, 12))
+    want = decode_image(encode(viewed, "PNG"), 3, 12)  # the viewed pixels, no EXIF
+    got = decode_image(data, 3, 12)
+    assert np.array_equal(got, want)
