@@ -2,13 +2,14 @@
 
 Single process, 1 torch thread (what each of the 2 multi_processing DirectRunner workers gets):
 
-1. cProfile of ``ShardEmbedder.process`` on one 5000-image shard (the decode thread is invisible
-   to cProfile, so stage 2 times it separately);
-2. per-image cost of each stage on the same shard, timed alone: tar read, ``decode_image``,
-   pixel-hash ids + ``noise_for_keys``, ``score_batch`` (model + float64 likelihood),
-   ``_record_batch`` + Parquet write;
-3. a candidate fix, side by side on the same images: ``score_batch`` with the model and input in
-   channels_last memory format (fp32 both; numerics compared).
+1. cProfile of ``ShardEmbedder.process`` (``--score elbo`` or ``none``) over the ``--images``
+   images (5000-image tar shards; the decode thread is invisible to cProfile, so stage 2 times it);
+2. per-image CPU and wall cost of each stage on the first shard, timed alone: tar read,
+   ``decode_image``, ``np.stack``, (elbo: pixel-hash ids + ``noise_for_keys``), ``score_batch``,
+   ``_record_batch`` (+ Parquet write); then the whole of ``process`` over every shard and the
+   CPU the stages do not account for;
+3. the fixed start-up costs of a run, each in a fresh interpreter: Python, ``import apache_beam``,
+   ``import torch``, ``import pipeline.embed`` and a worker's setup (``ShardEmbedder``).
 
 ``--against REV`` instead measures the model-only path (a) of issue 13: ``score_batch`` of this
 tree against ``score_batch`` of git revision REV (its ``vae_model/scoring.py`` and
@@ -16,13 +17,14 @@ tree against ``score_batch`` of git revision REV (its ``vae_model/scoring.py`` a
 and the part of each that lies outside the model's forward pass (``model.elbo`` on the same
 NHWC batch with ready noise, float64 likelihood as scoring has it), plus a torch.profiler table.
 
-    .venv/bin/python benchmarks/profile_embed.py [--repeats 3] [--quick]
+    taskset -c 1 .venv/bin/python benchmarks/profile_embed.py --score none --images 10000 [--repeats 3] [--quick]
     .venv/bin/python benchmarks/profile_embed.py --against a05d89b [--images 10000] [--threads 1]
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import io
 import json
 import pstats
@@ -156,7 +158,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--against", metavar="REV", help="(a) of this tree against git revision REV's score_batch")
-    ap.add_argument("--images", type=int, default=10000, help="--against: images (a cached image set)")
+    ap.add_argument("--images", type=int, default=10000, help="images (a cached image set: 5000-image shards)")
+    ap.add_argument("--score", default="elbo", choices=("elbo", "none"), help="the score the stages profile")
     ap.add_argument("--limit", type=int, default=None, help="--against: only the first LIMIT of those images")
     ap.add_argument("--threads", type=int, default=1, help="--against: torch threads")
     ap.add_argument("--batch-size", type=int, default=256)
@@ -166,106 +169,158 @@ def main() -> None:
     if args.against:
         args.out = args.out or str(common.RESULTS / "score_path.json")
         return against(args)
-    args.out = args.out or str(common.RESULTS / "profile_embed.json")
+    args.out = args.out or str(common.RESULTS / ("profile_embed.json" if args.score == "elbo"
+                                                  else f"profile_embed-{args.score}.json"))
+    stages(args)
+
+
+_STARTUP = {  # one fresh interpreter each: what every `vaepipe embed` pays before its first image
+    "python -c pass": "pass",
+    "import apache_beam (driver and each worker)": "import apache_beam",
+    "import torch": "import torch",
+    "import pipeline.embed (torch, pyarrow, Pillow, ...)": "import pipeline.embed",
+    "import pipeline.embed + ShardEmbedder(...) (a worker's setup)":
+        "import sys; from pipeline.embed import EmbedOptions, ShardEmbedder; "
+        "ShardEmbedder(EmbedOptions(checkpoint=sys.argv[1], out_url=sys.argv[2], score=sys.argv[3], torch_threads=1))",
+}
+
+
+def startup_costs(ck: str, score: str, repeats: int) -> dict[str, dict[str, float]]:
+    """CPU and wall seconds of each start-up step in a fresh interpreter (medians of ``repeats``)."""
+    import resource
+    import subprocess
+
+    out: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, code in _STARTUP.items():
+            wall, cpu = [], []
+            for _ in range(repeats):
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                t0 = time.perf_counter()
+                subprocess.run([sys.executable, "-c", code, ck, tmp, score], cwd=common.REPO, check=True)
+                wall.append(time.perf_counter() - t0)
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+            out[name] = {"wall_s": round(common.median(wall), 3), "cpu_s": round(common.median(cpu), 3)}
+    return out
+
+
+def stages(args) -> None:
+    """Where one worker's time goes in ``ShardEmbedder.process`` for ``--score``: cProfile of the
+    main thread, each stage timed alone (CPU and wall per image), the whole of ``process`` and
+    what the stages do not account for, and the fixed start-up costs."""
     import numpy as np
     import torch
 
     from pipeline.decode import decode_image
     from pipeline.embed import BatchItem, EmbedOptions, ShardEmbedder
     from pipeline.shards import expand_shards, iter_members
+    from pipeline.writer import AtomicParquetWriter
     from vae_model.noise import noise_for_keys, pixel_ids  # pixel_ids: hex of the on-device hash
-    from vae_model.scoring import ScoreOptions, score_batch
 
     torch.set_num_threads(1)
-    ck = str(common.ensure_checkpoint(quick=args.quick))
-    data = common.image_set(2000 if args.quick else 5000)
-    spec = expand_shards(str(data))[0]
-    res: dict = {"shard": spec.name, "checkpoint": ck, "torch_threads": 1, "load_avg_start": common.load_average()}
+    ck = args.checkpoint or str(common.ensure_checkpoint(quick=args.quick))
+    data = common.image_set(2000 if args.quick else args.images)
+    specs = expand_shards(str(data))
+    spec = specs[0]
+    res: dict = {"score": args.score, "shards": len(specs), "checkpoint": ck, "torch_threads": 1,
+                 "load_avg_start": common.load_average(), "busy_others": common.busy_others()}
 
-    # 1. cProfile of the real thing
+    # 1. cProfile of the real thing (main thread; the decode thread is timed in stage 2)
     with tempfile.TemporaryDirectory() as tmp:
-        emb = ShardEmbedder(EmbedOptions(checkpoint=ck, out_url=tmp, skip_existing=False, torch_threads=1))
+        emb = ShardEmbedder(EmbedOptions(checkpoint=ck, out_url=tmp, skip_existing=False, torch_threads=1,
+                                         score=args.score))
         emb.process(spec)  # warm-up: imports, oneDNN primitives
         prof = cProfile.Profile()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         prof.enable()
-        summary = emb.process(spec)
+        n = sum(emb.process(sp)["images_seen"] for sp in specs)
         prof.disable()
-        n = summary["images_seen"]
         res["process_img_s"] = n / (time.perf_counter() - t0)
+        res["process_cpu_us_per_image_profiled"] = round(1e6 * (time.process_time() - c0) / n, 1)
     s = io.StringIO()
     pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(15)
     res["cprofile_top_tottime"] = s.getvalue().splitlines()[:40]
-    print(f"ShardEmbedder.process, 1 thread: {res['process_img_s']:.0f} img/s on {n} images")
-    print("\n".join(res["cprofile_top_tottime"][4:30]))
+    print(f"ShardEmbedder.process --score {args.score}, 1 thread, under cProfile: {res['process_img_s']:.0f} img/s "
+          f"on {n} images in {len(specs)} shards")
+    print("\n".join(res["cprofile_top_tottime"][4:24]))
 
-    # 2. stages timed alone (medians of repeats, microseconds per image)
-    members = [m for m in iter_members(spec)]
-    model, cfg = emb.ckpt.model, emb.cfg
-    keys = [f"{spec.name}/{m.key}" for m in members]
-    pix = np.stack([decode_image(m.data, 1, 28) for m in members])
-    bs = 256
-    batches = [(keys[i:i + bs], pix[i:i + bs]) for i in range(0, n, bs)]
-    sopts = ScoreOptions(score="elbo", precision="fp32")
-    model_cl = torch.nn.Module()  # placeholder, replaced below
+    # 2. stages timed alone on the first shard, and the whole of process() on every shard
+    members = list(iter_members(spec))
+    m1 = len(members)
+    pix = np.stack([decode_image(m.data, emb.cfg.channels, emb.cfg.image_size) for m in members])
+    bs = args.batch_size
+    items = [BatchItem(f"{spec.name}/{m.key}", m.index, m.label, m.meta, p) for m, p in zip(members, pix)]
+    batches = [items[i:i + bs] for i in range(0, m1, bs)]
+    scored = [emb._score(pix[i:i + bs]) for i in range(0, m1, bs)]
 
     def t_read():
-        list(iter_members(spec))
+        for _ in iter_members(spec):
+            pass
 
     def t_decode():
         for m in members:
-            decode_image(m.data, 1, 28)
+            decode_image(m.data, emb.cfg.channels, emb.cfg.image_size)
 
     def t_noise():
-        for _, x in batches:
-            noise_for_keys(pixel_ids(x), (cfg.latent_dim,), 0)
+        for i in range(0, m1, bs):
+            noise_for_keys(pixel_ids(pix[i:i + bs]), (emb.cfg.latent_dim,), 0)
 
-    xs_cl = [torch.from_numpy(x).contiguous(memory_format=torch.channels_last) for _, x in batches]
+    def t_stack():
+        for b in batches:
+            np.stack([x.pixels for x in b])
 
     def t_score():
-        for _, x in batches:
-            score_batch(model, x, None, sopts)
+        for i in range(0, m1, bs):
+            emb._score(pix[i:i + bs])
 
-    def t_score_cl():
-        for x in xs_cl:
-            score_batch(model_cl, x, None, sopts)
-
-    scored = [score_batch(model, x, None, sopts) for k, x in batches]
+    def t_rows():
+        for b, sc in zip(batches, scored):
+            emb._record_batch(spec, b, sc)
 
     def t_write():
-        from pipeline.writer import AtomicParquetWriter
         with tempfile.TemporaryDirectory() as tmp:
             w = AtomicParquetWriter(f"{tmp}/x.parquet", emb.schema)
-            for (k, _x), s in zip(batches, scored):
-                rows = [BatchItem(kk, 0, None, None, None) for kk in k]
-                w.write(emb._record_batch(spec, rows, s))
-            w.commit({"a": "b"})
+            for b, sc in zip(batches, scored):
+                w.write(emb._record_batch(spec, b, sc))
+            w.commit(emb.file_meta)
 
-    import copy
-    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    stages = {"tar read (iter_members)": t_read, "decode_image": t_decode,
-              "pixel_ids + noise_for_keys": t_noise, "score_batch (all of the model)": t_score,
-              "score_batch, channels_last": t_score_cl, "_record_batch + Parquet write": t_write}
-    times: dict[str, list[float]] = {k: [] for k in stages}
-    for _ in range(args.repeats):
-        for name, fn in stages.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    res["stage_us_per_image"] = {k: round(1e6 * common.median(v) / n, 1) for k, v in times.items()}
-    # numerics of channels_last (fp32): same weights, same images, same (pixel-seeded) noise
-    a, b = score_batch(model, batches[0][1], None, sopts), score_batch(model_cl, xs_cl[0], None, sopts)
-    res["channels_last_max_abs_diff"] = {
-        "elbo": float(np.abs(a["elbo"] - b["elbo"]).max()),
-        "elbo_rel": float((np.abs(a["elbo"] - b["elbo"]) / np.abs(a["elbo"])).max()),
-        "embedding": float(np.abs(a["embedding"] - b["embedding"]).max())}
+    with tempfile.TemporaryDirectory() as tmp:
+        emb.opts = dataclasses.replace(emb.opts, out_url=tmp)  # the first one is gone
+        stage_fns = {"tar read (iter_members)": t_read, "decode_image": t_decode,
+                     "np.stack of a batch": t_stack, f"score_batch --score {args.score}": t_score,
+                     "_record_batch": t_rows, "_record_batch + Parquet write": t_write}
+        if args.score != "none":
+            stage_fns = {**dict(list(stage_fns.items())[:3]), "pixel_ids + noise_for_keys (diagnostic)": t_noise,
+                         **dict(list(stage_fns.items())[3:])}
+        wall: dict[str, list[float]] = {k: [] for k in [*stage_fns, "process (all shards)"]}
+        cpu: dict[str, list[float]] = {k: [] for k in wall}
+        for _ in range(args.repeats):
+            for name, fn in stage_fns.items():
+                t0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                wall[name].append((time.perf_counter() - t0) / m1)
+                cpu[name].append((time.process_time() - c0) / m1)
+            t0, c0 = time.perf_counter(), time.process_time()
+            for sp in specs:
+                emb.process(sp)
+            wall["process (all shards)"].append((time.perf_counter() - t0) / n)
+            cpu["process (all shards)"].append((time.process_time() - c0) / n)
+    res["stage_us_per_image"] = {k: round(1e6 * common.median(v), 1) for k, v in wall.items()}
+    res["stage_cpu_us_per_image"] = {k: round(1e6 * common.median(v), 1) for k, v in cpu.items()}
+    parts = ("tar read (iter_members)", "decode_image", "np.stack of a batch", f"score_batch --score {args.score}",
+             "_record_batch + Parquet write")
+    c = res["stage_cpu_us_per_image"]
+    res["cpu_us_per_image_outside_stages"] = round(c["process (all shards)"] - sum(c[k] for k in parts), 1)
+    res["startup"] = startup_costs(ck, args.score, max(1, args.repeats))
     res["load_avg_end"] = common.load_average()
-    print("\nper-image cost of each stage alone (us, 1 thread, median of %d):" % args.repeats)
-    for k, v in res["stage_us_per_image"].items():
-        print(f"  {k:32s} {v:8.1f}")
-    print("channels_last vs default, max |diff| (fp32):", res["channels_last_max_abs_diff"])
+    print(f"\nper-image cost of each stage alone (1 thread, median of {args.repeats}; {m1} images):")
+    print(common.table([[k, res["stage_us_per_image"][k], c[k]] for k in wall], ["stage", "wall us/img", "CPU us/img"]))
+    print(f"process CPU not in the stages above (thread hand-off, ...): {res['cpu_us_per_image_outside_stages']} us/img")
+    print("\nstart-up, fresh interpreter (median):")
+    print(common.table([[k, v["wall_s"], v["cpu_s"]] for k, v in res["startup"].items()], ["step", "wall s", "CPU s"]))
+    print("load average", res["load_avg_start"], "->", res["load_avg_end"])
     common.write_json(Path(args.out), res)
-
 
 if __name__ == "__main__":
     main()
