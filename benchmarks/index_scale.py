@@ -7,14 +7,17 @@ Two parts, each measurement in its own child process (peak RSS from the kernel, 
               recall@10 against exact search with queries/s for each efSearch.
   (default)   ``pipeline.index`` itself (the library vaepipe chose) at 1M x 32: build time, peak
               RSS, size on disk, queries/s single-threaded and recall@10 against exact search
-              for flat and hnsw, with its ``ef_search``.
+              for each ``--kinds`` (flat, hnsw, ivf), over a sweep of hnsw's ``ef_search`` and
+              ivf's ``nprobe``, the defaults included. The build uses the threads the process may
+              run on (``taskset -c 1``: one); queries one thread (``faiss.omp_set_num_threads(1)``).
 
 Vectors are N(0, I) in 32 dimensions, the VAE's prior (the aggregate posterior of a well-fitted
 model is close to it): the hardest case for a graph index, with no cluster structure to exploit.
 Queries are 1,000 other draws; exact neighbours come from a brute-force scan.
 
     .venv/bin/python benchmarks/index_scale.py --compare      # libraries at 100k (~2 min)
-    .venv/bin/python benchmarks/index_scale.py                # vaepipe's index at 1M (~5 min)
+    .venv/bin/python benchmarks/index_scale.py                # vaepipe's index at 1M (hnsw's build ~20 min)
+    taskset -c 1 .venv/bin/python benchmarks/index_scale.py --kinds flat,ivf   # one core
     .venv/bin/python benchmarks/index_scale.py --quick        # smoke run at 20k
 """
 from __future__ import annotations
@@ -32,6 +35,7 @@ import common  # noqa: E402
 
 DIM, QUERIES, K = 32, 1000, 10
 EF_SEARCH = (16, 32, 64, 128, 256, 512)
+NPROBE = (16, 32, 64, 128, 256, 512, 768, 1024)
 TARGETS = {"recall_at_10": 0.95, "queries_per_s": 1000}
 
 
@@ -134,31 +138,68 @@ def child_vaepipe(kind: str, n: int) -> dict:
     keys = [f"k{i}" for i in range(n)]
     import faiss
 
+    threads = len(os.sched_getaffinity(0))  # the build uses every core it may run on
     t0 = time.perf_counter()
-    index = VectorIndex.new(DIM, metric="l2", kind=kind, threads=os.cpu_count())  # the build uses every core
+    index = VectorIndex.new(DIM, metric="l2", kind=kind, threads=threads)
     index.add(keys, base)
     build_s = time.perf_counter() - t0
     size = len(index.to_bytes())
     faiss.omp_set_num_threads(1)  # queries: one thread
     position = {k: i for i, k in enumerate(keys)}
     sweep = []
-    default_ef = index.ef_search
-    for ef in sorted({*EF_SEARCH, default_ef}) if kind == "hnsw" else [None]:
-        if ef is not None:
-            index.faiss_index.hnsw.efSearch = ef
+    param = {"hnsw": "ef_search", "ivf": "nprobe"}.get(kind)
+    default = getattr(index, param) if param else None
+    values = {"hnsw": EF_SEARCH, "ivf": [p for p in NPROBE if p <= (index.nlist or 0)]}.get(kind, [])
+    for value in sorted({*values, default}) if param else [None]:
+        if kind == "hnsw":
+            index.faiss_index.hnsw.efSearch = value
+        elif kind == "ivf":
+            index.nprobe = value
         found, qps = timed_queries(lambda q: [position[h.key] for h in index.search(q[None], K)[0]], queries)
-        sweep.append({"ef_search": ef, "recall_at_10": round(recall(found, truth), 4), "queries_per_s": round(qps)})
-    at_default = next(s for s in sweep if s["ef_search"] == default_ef)
-    return {"kind": kind, "n": n, "build_s": round(build_s, 2), "build_threads": os.cpu_count(),
-            "serialized_mb": round(common.mb(size), 1), **at_default, "sweep": sweep}
+        sweep.append({param or "param": value, "recall_at_10": round(recall(found, truth), 4), "queries_per_s": round(qps)})
+    at_default = next(s for s in sweep if s[param or "param"] == default)
+    extra = {"nlist": index.nlist} if kind == "ivf" else {}
+    return {"kind": kind, "n": n, "build_s": round(build_s, 2), "build_threads": threads, **extra,
+            "serialized_mb": round(common.mb(size), 1), "default": {param: default} if param else {}, **at_default,
+            "sweep": sweep}
+
+
+def child_factory(spec: str, n: int) -> dict:
+    """A raw faiss ``index_factory`` IVF index (e.g. IVF-PQ with exact re-ranking, ``IVF4096,PQ16x4fs,RFlat``),
+    one thread, trained on a seeded sample of 64 rows per list; ``FACTORY_PARAMS`` is a sweep of
+    ``nprobe:k_factor`` (k_factor 0: no re-ranking stage). Not a vaepipe kind: what one would measure."""
+    import faiss
+    import numpy as np
+
+    faiss.omp_set_num_threads(1)
+    base, queries = data(n)
+    truth = exact(base, queries)
+    nlist = int(spec.split(",")[0].removeprefix("IVF"))
+    t0 = time.perf_counter()
+    index = faiss.index_factory(DIM, spec)
+    index.train(base[np.sort(np.random.default_rng(0).choice(n, min(n, 64 * nlist), replace=False))])
+    index.add(base)
+    build_s = time.perf_counter() - t0
+    ivf = faiss.extract_index_ivf(index)
+    sweep = []
+    for p in os.environ["FACTORY_PARAMS"].split(","):
+        nprobe, k_factor = map(int, p.split(":"))
+        ivf.nprobe = nprobe
+        if k_factor:
+            index.k_factor = k_factor
+        found, qps = timed_queries(lambda q: index.search(q[None], K)[1][0], queries)
+        sweep.append({"nprobe": nprobe, "k_factor": k_factor, "recall_at_10": round(recall(found, truth), 4),
+                      "queries_per_s": round(qps)})
+    return {"kind": spec, "n": n, "build_s": round(build_s, 2), "build_threads": 1,
+            "serialized_mb": round(common.mb(len(faiss.serialize_index(index))), 1), "sweep": sweep}
 
 
 # --------------------------------------------------------------------------- parent
 
 
-def run(mode: str, name: str, n: int) -> dict:
+def run(mode: str, name: str, n: int, env: dict[str, str] | None = None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), mode, name, str(n)]
-    r = common.run_child(cmd, env={"OMP_NUM_THREADS": "1"}, timeout=1800)
+    r = common.run_child(cmd, env={"OMP_NUM_THREADS": "1", **(env or {})}, timeout=1800)
     if r["rc"] != 0:
         raise SystemExit(f"{name} failed:\n{r.get('stderr_tail', '')}")
     res = common.last_json(r["stdout"])
@@ -172,6 +213,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compare", action="store_true", help="compare the ANN libraries instead")
     ap.add_argument("--n", type=int, default=None, help="vectors (default 100k with --compare, else 1M)")
     ap.add_argument("--libraries", default="faiss,usearch,hnswlib")
+    ap.add_argument("--kinds", default="flat,hnsw,ivf", help="pipeline.index kinds to measure (default mode)")
+    ap.add_argument("--factory", default=None, help="instead: a raw faiss IVF index_factory string, e.g. "
+                    "IVF4096,PQ16x4fs,RFlat (IVF-PQ with exact re-ranking), swept over --params")
+    ap.add_argument("--params", default="256:16,512:16,512:32,1024:32", help="--factory sweep: nprobe:k_factor,...")
     ap.add_argument("--quick", action="store_true", help="smoke run at 20k vectors")
     args = ap.parse_args(argv)
     n = 20_000 if args.quick else args.n or (100_000 if args.compare else 1_000_000)
@@ -184,22 +229,33 @@ def main(argv: list[str] | None = None) -> None:
                                              "efSearch:recall@10/queries per s"]))
         out = common.RESULTS / ("index_compare-quick.json" if args.quick else "index_compare.json")
     else:
-        rows = [run("child-vaepipe", kind, n) for kind in ("flat", "hnsw")]
-        print(f"\nvaepipe index, N={n:,} x {DIM} N(0, I), single-threaded queries, k={K}")
-        print(common.table([[r["kind"], r["build_s"], r["peak_rss_mb"], r["serialized_mb"], s["ef_search"],
+        kinds = [args.factory] if args.factory else args.kinds.split(",")
+        load = {"before": os.getloadavg()}
+        rows = [run("child-factory", args.factory, n, {"FACTORY_PARAMS": args.params})] if args.factory else \
+            [run("child-vaepipe", kind, n) for kind in kinds]
+        load["after"] = os.getloadavg()
+        print(f"\nvaepipe index, N={n:,} x {DIM} N(0, I), single-threaded queries, k={K}; load average {load}")
+        print(common.table([[r["kind"], r["build_s"], r["build_threads"], r["peak_rss_mb"], r["serialized_mb"],
+                             " ".join(f"{k}={v}" for k, v in s.items() if k not in ("recall_at_10", "queries_per_s")),
                              s["recall_at_10"], s["queries_per_s"]] for r in rows for s in r["sweep"]],
-                           ["kind", "build s", "peak RSS MB", "size MB", "ef_search", "recall@10", "queries/s"]))
-        hnsw = rows[-1]
-        met = hnsw["recall_at_10"] >= TARGETS["recall_at_10"] and hnsw["queries_per_s"] >= TARGETS["queries_per_s"]
-        print(f"\nTarget hnsw recall@10 >= {TARGETS['recall_at_10']} at >= {TARGETS['queries_per_s']} queries/s: "
-              f"{'MET' if met else 'MISS'}")
-        out = common.RESULTS / ("index_scale-quick.json" if args.quick else "index_scale.json")
+                           ["kind", "build s", "build threads", "peak RSS MB", "size MB", "setting", "recall@10",
+                            "queries/s"]))
+        for r in rows:
+            hit = [s for s in r["sweep"] if s["recall_at_10"] >= TARGETS["recall_at_10"]
+                   and s["queries_per_s"] >= TARGETS["queries_per_s"]]
+            print(f"Target {r['kind']}: recall@10 >= {TARGETS['recall_at_10']} at >= {TARGETS['queries_per_s']} "
+                  f"queries/s: {'MET at ' + str(hit[0]) if hit else 'MISS'}")
+        name = "index_scale-" + "-".join(kinds).replace(",", "_") if kinds != ["flat", "hnsw", "ivf"] else "index_scale"
+        out = common.RESULTS / (name + ("-quick.json" if args.quick else ".json"))
+        common.write_json(out, {"n": n, "dim": DIM, "queries": QUERIES, "k": K, "argv": sys.argv, "load_average": load,
+                                "rows": rows})
+        return
     common.write_json(out, {"n": n, "dim": DIM, "queries": QUERIES, "k": K, "argv": sys.argv, "rows": rows})
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1].startswith("child-"):
-        fn = {"child-lib": child_lib, "child-vaepipe": child_vaepipe}[sys.argv[1]]
+        fn = {"child-lib": child_lib, "child-vaepipe": child_vaepipe, "child-factory": child_factory}[sys.argv[1]]
         print(json.dumps(fn(sys.argv[2], int(sys.argv[3]))), flush=True)
     else:
         main()

@@ -400,8 +400,9 @@ def embed(ctx: click.Context, data_url: str, storage_options: str | None, **valu
 @click.option("--out", "index_url", required=True, help="Index folder URL (index.json and its files are written there).")
 @click.option("--metric", type=click.Choice(["cosine", "l2"]), default=None,
               help="Distance (default cosine; an existing index keeps its own).")
-@click.option("--kind", type=click.Choice(["flat", "hnsw"]), default=None,
-              help="flat: exact scan; hnsw: approximate graph, for millions of rows (default hnsw).")
+@click.option("--kind", type=click.Choice(["flat", "hnsw", "ivf"]), default=None,
+              help="flat: exact scan; hnsw: approximate graph, for millions of rows (default); ivf: inverted lists, "
+                   "builds ~9x faster, queries 1.5-3x slower at equal recall (BENCHMARKS.md). An existing index keeps its own.")
 @click.option("--run-date", default=None, metavar="YYYY-MM-DD", help="Add only the partition dt=YYYY-MM-DD.")
 @storage_option
 @handle_errors

@@ -3,7 +3,8 @@
 The library is faiss-cpu (README, "Search", says why: measured against usearch and hnswlib).
 An index lives in a folder at any fsspec URL::
 
-    INDEX_URL/index.json                the sidecar, written last: model_id, calibration, metric, kind,
+    INDEX_URL/index.json                the sidecar, written last: model_id, calibration, metric, kind
+                                        (with hnsw's or ivf's settings: nlist, nprobe, rows trained on),
                                         count, the partitions it contains, and the two files below
     INDEX_URL/vectors-<generation>.faiss  the faiss index (row i of the rows file is faiss id i)
     INDEX_URL/rows-<generation>.parquet   key, shard, index, label, anomaly_score of every vector
@@ -38,11 +39,24 @@ log = logging.getLogger(__name__)
 SIDECAR = "index.json"
 FORMAT = "vaepipe.index/1"
 METRICS = ("cosine", "l2")  # cosine: distance 1 - cos; l2: Euclidean distance
-KINDS = ("flat", "hnsw")  # flat: exact scan; hnsw: graph, approximate (BENCHMARKS.md, "Vector index")
+# flat: exact scan; hnsw: graph; ivf: inverted lists (k-means cells) scanned exactly: approximate (BENCHMARKS.md,
+# "Vector index")
+KINDS = ("flat", "hnsw", "ivf")
 # HNSW parameters, chosen with benchmarks/index_scale.py (recall@10 and queries/s at 1M x 32).
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 64
 HNSW_EF_SEARCH = 256  # recall@10 0.95 at 1M x 32 N(0, I): BENCHMARKS.md, "Vector index"
+# IVF (faiss IndexIVFFlat): the number of lists is fixed at the first build from its row count N,
+# nlist = min(IVF_LISTS_PER_SQRT_N * sqrt(N), IVF_MAX_LISTS, N // IVF_MIN_PER_LIST), at least 1: a small first
+# build gets fewer lists (1 list below IVF_MIN_PER_LIST rows: an exact scan). The coarse quantizer is trained
+# by k-means on a seeded sample of at most IVF_TRAIN_PER_LIST rows per list, and reused by every later add.
+IVF_LISTS_PER_SQRT_N = 4
+IVF_MAX_LISTS = 65536
+IVF_MIN_PER_LIST = 39  # faiss's minimum training points per centroid
+IVF_TRAIN_PER_LIST = 64
+IVF_SEED = 0
+IVF_NPROBE = 512  # lists scanned per query: recall@10 0.96 at 1M x 32 N(0, I) (BENCHMARKS.md); stored in index.json,
+# VectorIndex.nprobe sets it at query time (saved with the index when it is next written)
 ROW_FIELDS = pa.schema([("key", pa.string()), ("shard", pa.string()), ("index", pa.int64()), ("label", pa.int64()),
                         ("anomaly_score", pa.float64())])
 
@@ -95,6 +109,8 @@ class VectorIndex:
             index = faiss.IndexHNSWFlat(dim, HNSW_M)  # L2 on unit vectors ranks like cosine
             index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
             index.hnsw.efSearch = HNSW_EF_SEARCH
+        elif kind == "ivf":
+            index = _ivf(dim, 1)  # a placeholder: the first add sizes and trains the lists (_train_ivf)
         else:
             index = faiss.IndexFlatL2(dim)
         return cls(index, metric, kind, ROW_FIELDS.empty_table(), dict(meta or {}))
@@ -113,6 +129,37 @@ class VectorIndex:
     @property
     def ef_search(self) -> int | None:
         return self.faiss_index.hnsw.efSearch if self.kind == "hnsw" else None
+
+    @property
+    def nlist(self) -> int | None:
+        return self.faiss_index.nlist if self.kind == "ivf" else None
+
+    @property
+    def nprobe(self) -> int | None:
+        """Lists an ivf index scans per query (None for the other kinds); more: higher recall, slower."""
+        return self.faiss_index.nprobe if self.kind == "ivf" else None
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        if self.kind != "ivf":
+            raise VectorIndexError(f"nprobe is a setting of ivf indexes; this one is {self.kind}")
+        if int(value) < 1:
+            raise VectorIndexError(f"nprobe {value}: must be at least 1")
+        self.faiss_index.nprobe = int(value)
+
+    @property
+    def trained(self) -> bool:
+        return bool(self.faiss_index.is_trained)
+
+    def train(self, vectors: np.ndarray) -> None:
+        """Size and train an empty ivf index's lists on ``vectors`` (the first build's rows; the first
+        :meth:`add` does it with its own rows otherwise); nothing to do for the other kinds."""
+        if self.kind != "ivf" or self.trained:
+            return
+        prepared = self._prepare(np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim))
+        if len(prepared):
+            self.faiss_index = _train_ivf(prepared)
+            self.meta["ivf"] = {"trained_on": len(prepared)}
 
     def add(self, keys: Sequence[str], vectors: np.ndarray, shards: Sequence[str] | None = None,
             indices: Sequence[int] | None = None, labels: Sequence[int | None] | None = None,
@@ -136,6 +183,8 @@ class VectorIndex:
                         "label": [labels[i] for i in take] if labels is not None else [None] * len(take),
                         "anomaly_score": [scores[i] for i in take] if scores is not None else [None] * len(take)},
                        schema=ROW_FIELDS)
+        if not self.trained:
+            self.train(vectors[take])
         self.faiss_index.add(self._prepare(vectors[take]))
         start = len(self._position)
         for name in ROW_FIELDS.names:
@@ -160,6 +209,8 @@ class VectorIndex:
     def search(self, vectors: np.ndarray, k: int = 10) -> list[list[Hit]]:
         """The ``k`` nearest rows of each query vector (Q, D), nearest first."""
         q = self._prepare(np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim))
+        if not len(self):
+            return [[] for _ in q]
         d2, ids = self.faiss_index.search(q, min(k, max(len(self), 1)))
         return [[self._hit(int(i), float(d)) for d, i in zip(row_d, row_i) if i >= 0] for row_d, row_i in zip(d2, ids)]
 
@@ -182,6 +233,33 @@ class VectorIndex:
         if self._rows is None:
             self._rows = pa.table({name: self._cols[name] for name in ROW_FIELDS.names}, schema=ROW_FIELDS)
         return self._rows
+
+
+def _ivf(dim: int, nlist: int):
+    faiss = _faiss()
+    index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist)  # L2 on unit vectors ranks like cosine
+    index.set_direct_map_type(faiss.DirectMap.Array)  # reconstruct(i): a stored row's vector
+    return index
+
+
+def ivf_lists(n: int) -> int:
+    """Lists of an ivf index whose first build holds ``n`` rows (see IVF_LISTS_PER_SQRT_N)."""
+    return max(1, min(round(IVF_LISTS_PER_SQRT_N * np.sqrt(n)), IVF_MAX_LISTS, n // IVF_MIN_PER_LIST))
+
+
+def _train_ivf(vectors: np.ndarray):
+    """A trained, empty ivf index for the first rows: nlist from their count, k-means on a seeded sample."""
+    nlist = ivf_lists(len(vectors))
+    index = _ivf(vectors.shape[1], nlist)
+    index.cp.seed = IVF_SEED
+    index.nprobe = min(IVF_NPROBE, nlist)
+    take = min(len(vectors), nlist * IVF_TRAIN_PER_LIST)
+    sample = vectors if take == len(vectors) else \
+        vectors[np.sort(np.random.default_rng(IVF_SEED).choice(len(vectors), take, replace=False))]
+    index.cp.max_points_per_centroid = IVF_TRAIN_PER_LIST  # faiss samples no further
+    index.train(sample)
+    log.info("index: ivf lists trained: nlist %d on %d of %d rows", nlist, take, len(vectors))
+    return index
 
 
 # --------------------------------------------------------------------------- storage
@@ -207,6 +285,8 @@ def load_index(index_url: str, storage_options: StorageOptions = None) -> Vector
     index = faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8))
     if meta["kind"] == "hnsw":
         index.hnsw.efSearch = HNSW_EF_SEARCH
+    elif meta["kind"] == "ivf":
+        index.nprobe = int((meta.get("ivf") or {}).get("nprobe") or min(IVF_NPROBE, index.nlist))
     rows = pq.read_table(io.BytesIO(read_bytes(join(index_url, meta["files"]["rows"]), storage_options)))
     if rows.num_rows != index.ntotal or rows.num_rows != meta["count"]:
         raise VectorIndexError(f"{index_url}: the index holds {index.ntotal} vectors, its rows file {rows.num_rows} and its "
@@ -228,6 +308,11 @@ def save_index(index: VectorIndex, index_url: str, storage_options: StorageOptio
             "updated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     if index.kind == "hnsw":
         meta["hnsw"] = {"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef_search": HNSW_EF_SEARCH}
+    elif index.kind == "ivf":
+        trained = (index.meta.get("ivf") or {}).get("trained_on")  # rows of the first build (None: untrained)
+        meta["ivf"] = {"nlist": index.nlist if trained else None, "nprobe": index.nprobe if trained else None,
+                       "trained_on": trained, "train_sample": trained and min(trained, index.nlist * IVF_TRAIN_PER_LIST),
+                       "seed": IVF_SEED}
     atomic_write_bytes(join(index_url, SIDECAR), json.dumps(meta, indent=2).encode(), storage_options)
     keep = set(files.values()) | set((previous or {}).get("files", {}).values())
     fs, path = fresh_fs(index_url, storage_options)
@@ -275,7 +360,9 @@ def build_index(latents_url: str, index_url: str, metric: str | None = None, kin
     Adds the rows of every complete partition of ``latents_url`` (only ``dt=run_date`` when
     given) that the index does not hold yet, read from the files its manifest names; a key
     already in the index is never added again. Rows of another model are refused: a new model
-    means a new index. Returns ``{"index_url", "count", "added", "partitions_added", ...}``.
+    means a new index. A new ivf index sizes and trains its lists on the unique rows of every
+    partition this first build adds (read once, held together); later builds reuse those lists.
+    Returns ``{"index_url", "count", "added", "partitions_added", ...}``.
     """
     parts = partitions(latents_url, run_date, storage_options)
     existing = read_sidecar(index_url, storage_options)
@@ -289,6 +376,7 @@ def build_index(latents_url: str, index_url: str, metric: str | None = None, kin
         index = None
     done = {p["name"] for p in (existing or {}).get("partitions", [])}
     added_parts, added, duplicates = [], 0, 0
+    read_ahead: dict[str, pa.Table] = {}  # an untrained ivf index: every new partition, read once
     for part in parts:
         name = _partition_name(latents_url, part)
         if name in done:
@@ -311,7 +399,13 @@ def build_index(latents_url: str, index_url: str, metric: str | None = None, kin
             raise VectorIndexError(f"{part}: rows of model {model_id}, but {index_url} holds model "
                               f"{index.meta['model_id']}: a new model needs a new index (another --out)")
         else:
-            table = _read_rows(part, manifest, storage_options)
+            table = read_ahead.pop(part) if part in read_ahead else _read_rows(part, manifest, storage_options)
+        if not index.trained:  # the lists are sized and trained on all the rows of the first build
+            for later in parts[parts.index(part) + 1:]:
+                if _partition_name(latents_url, later) not in done:
+                    read_ahead[later] = _read_rows(later, json.loads(read_bytes(join(later, MANIFEST), storage_options)),
+                                                   storage_options)
+            index.train(_unique_embeddings([table, *read_ahead.values()]))
         ids = set(table.column("model_id").unique().to_pylist()) if table.num_rows else set()
         if ids - {index.meta["model_id"]}:
             raise VectorIndexError(f"{part}: rows of model {sorted(ids - {index.meta['model_id']})[0]}, but {index_url} "
@@ -336,6 +430,17 @@ def build_index(latents_url: str, index_url: str, metric: str | None = None, kin
     return {"index_url": index_url, "count": meta.get("count", 0), "added": added, "duplicates_skipped": duplicates,
             "partitions_added": added_parts, "partitions": [p["name"] for p in meta.get("partitions", [])],
             "model_id": meta.get("model_id"), "metric": meta.get("metric"), "kind": meta.get("kind")}
+
+
+def _unique_embeddings(tables: list[pa.Table]) -> np.ndarray:
+    """The embeddings of the first row of each key in ``tables``, as (N, D) float32."""
+    tables = [t.select(["key", "embedding"]) for t in tables if t.num_rows]
+    if not tables:
+        return np.zeros((0, 0), dtype=np.float32)
+    table = pa.concat_tables(tables)
+    _, first = np.unique(np.asarray(table.column("key").to_pylist(), dtype=object), return_index=True)
+    vectors = np.asarray(table.column("embedding").combine_chunks().flatten(), dtype=np.float32)
+    return vectors.reshape(table.num_rows, -1)[np.sort(first)]
 
 
 def _read_rows(part: str, manifest: dict, storage_options: StorageOptions) -> pa.Table:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from jobs.cli import cli
 from pipeline import build_index, open_index
-from pipeline.index import SIDECAR, VectorIndexError
+from pipeline.index import IVF_NPROBE, SIDECAR, VectorIndex, VectorIndexError, ivf_lists, load_index
 from pipeline.options import EmbedOptions
 from pipeline.run import run_embed
 from vae_model.checkpoint import load_checkpoint, save_checkpoint
@@ -91,7 +91,7 @@ def test_another_model_is_refused_with_one_line(latents, fashion_shards, tiny_ch
         shutil.rmtree(latents / "errors" / "dt=2026-11-09", ignore_errors=True)
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
 def test_search_by_key_returns_the_key_first(latents, tmp_path, kind):
     index_url = str(tmp_path / "index")
     build_index(str(latents), index_url, kind=kind, metric="l2", run_date=DAY1)
@@ -105,6 +105,76 @@ def test_search_by_key_returns_the_key_first(latents, tmp_path, kind):
     # vectors: the stored embedding finds its own row
     emb = np.array([rows[0]["embedding"]], dtype=np.float32)
     assert idx.search(emb, 3)[0][0].key == rows[0]["key"]
+
+
+def _centroids(index: VectorIndex) -> np.ndarray:
+    import faiss
+
+    return faiss.downcast_index(index.faiss_index.quantizer).reconstruct_n(0, index.nlist)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_ivf_reuses_its_trained_lists_for_later_partitions(latents, tmp_path, metric):
+    index_url = str(tmp_path / "index")
+    res = CliRunner().invoke(cli, ["index", str(latents), "--out", index_url, "--kind", "ivf", "--metric", metric,
+                                   "--run-date", DAY1], catch_exceptions=False)
+    first = json.loads(res.output)
+    n1 = _rows(latents, DAY1).num_rows
+    meta = json.loads((tmp_path / "index" / SIDECAR).read_text())
+    nlist = ivf_lists(n1)
+    assert 1 < nlist < 4 * n1 ** 0.5  # a small first build gets fewer lists (39 rows per list at least)
+    assert meta["kind"] == "ivf" and meta["ivf"]["nlist"] == nlist and meta["ivf"]["trained_on"] == first["count"] == n1
+    assert meta["ivf"]["nprobe"] == min(IVF_NPROBE, nlist)
+    centroids = _centroids(load_index(index_url))
+
+    second = build_index(str(latents), index_url)  # the kind comes from the sidecar
+    assert second["kind"] == "ivf" and second["added"] == _rows(latents, DAY2).num_rows
+    assert second["duplicates_skipped"] == _rows(latents, DAY3).num_rows
+    with pytest.raises(VectorIndexError, match="is a ivf index"):
+        build_index(str(latents), index_url, kind="hnsw")
+    idx = load_index(index_url)
+    meta = json.loads((tmp_path / "index" / SIDECAR).read_text())
+    assert idx.nlist == meta["ivf"]["nlist"] == nlist and meta["ivf"]["trained_on"] == n1 and meta["count"] == len(idx)
+    np.testing.assert_array_equal(_centroids(idx), centroids)  # the quantizer is not retrained
+    keys = idx.rows_table().column("key").to_pylist()
+    assert len(keys) == len(set(keys))
+
+    # every list scanned: the exact neighbours, as a flat index finds them
+    day2 = _rows(latents, DAY2).to_pylist()
+    flat = VectorIndex.new(idx.dim, metric=metric, kind="flat")
+    flat.add(keys, np.stack([idx.vector(k) for k in keys]))
+    idx.nprobe = nlist
+    queries = np.array([r["embedding"] for r in day2[::50]], dtype=np.float32)
+    assert [[h.key for h in hits] for hits in idx.search(queries, 5)] == \
+        [[h.key for h in hits] for hits in flat.search(queries, 5)]
+    assert idx.search_key(day2[0]["key"], 3)[0].key == day2[0]["key"]
+    with pytest.raises(VectorIndexError, match="at least 1"):
+        idx.nprobe = 0
+
+
+def test_ivf_first_build_of_several_partitions_sizes_its_lists_on_all_of_them(latents, tmp_path):
+    index_url = str(tmp_path / "index")
+    res = build_index(str(latents), index_url, kind="ivf")  # three partitions, day 3 repeats day 1's keys
+    n = _rows(latents, DAY1).num_rows + _rows(latents, DAY2).num_rows
+    meta = json.loads((tmp_path / "index" / SIDECAR).read_text())
+    assert res["count"] == meta["ivf"]["trained_on"] == n and meta["ivf"]["nlist"] == ivf_lists(n)
+    assert res["partitions_added"] == [f"dt={DAY1}", f"dt={DAY2}", f"dt={DAY3}"]
+    assert [p["rows"] for p in meta["partitions"]] == [_rows(latents, DAY1).num_rows, _rows(latents, DAY2).num_rows, 0]
+
+
+def test_ivf_below_one_list_of_rows_is_an_exact_scan():
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((30, 8)).astype(np.float32)
+    idx = VectorIndex.new(8, metric="l2", kind="ivf")
+    assert len(idx.search(vectors[:1], 3)[0]) == 0  # empty and untrained: no hits, no error
+    assert idx.add([f"k{i}" for i in range(30)], vectors) == 30
+    assert idx.nlist == 1 and idx.nprobe == 1
+    hits = idx.search(vectors[:1] + 0.01, 30)[0]
+    d = np.linalg.norm(vectors - (vectors[0] + 0.01), axis=1)
+    assert [h.key for h in hits] == [f"k{i}" for i in np.argsort(d)]
+    assert idx.add(["k0", "k30"], vectors[:2]) == 1  # a key is never added twice
+    with pytest.raises(VectorIndexError, match="ivf indexes"):
+        VectorIndex.new(8, kind="hnsw").nprobe = 4
 
 
 def test_search_by_image_encodes_with_the_index_model(latents, fashion_shards, tmp_path):
@@ -133,11 +203,13 @@ def test_search_by_image_encodes_with_the_index_model(latents, fashion_shards, t
     assert Image.open(grid).size == (3 * 30 + 2, 32)  # query + the 2 other neighbours
 
 
-def test_index_on_seaweedfs(latents, fashion_shards, s3_bucket, s3_server):
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_index_on_seaweedfs(latents, fashion_shards, s3_bucket, s3_server, kind):
     so = s3_server.storage_options
-    index_url = f"{s3_bucket}/index"
-    first = build_index(str(latents), index_url, run_date=DAY1, storage_options=so)
+    index_url = f"{s3_bucket}/index-{kind}"
+    first = build_index(str(latents), index_url, kind=kind, run_date=DAY1, storage_options=so)
     second = build_index(str(latents), index_url, storage_options=so)
+    assert second["kind"] == kind
     assert second["count"] == first["count"] + second["added"] and second["added"] > 0
     assert s3_server.filesystem().exists(f"{index_url.removeprefix('s3://')}/{SIDECAR}")
     key, png = _first_member(fashion_shards)
