@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"Target {r['kind']}: recall@10 >= {TARGETS['recall_at_10']} at >= {TARGETS['queries_per_s']} "
                   f"queries/s: {'MET at ' + str(hit[0]) if hit else 'MISS'}")
         name = "index_scale-" + "-".join(kinds).replace(",", "_") if kinds != ["flat", "hnsw", "ivf"] else "index_scale"
+        name += f"-{n // 1000}k" if n != 1_000_000 and not args.quick else ""
         out = common.RESULTS / (name + ("-quick.json" if args.quick else ".json"))
         common.write_json(out, {"n": n, "dim": DIM, "queries": QUERIES, "k": K, "argv": sys.argv, "load_average": load,
                                 "rows": rows})

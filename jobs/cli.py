@@ -402,7 +402,7 @@ def embed(ctx: click.Context, data_url: str, storage_options: str | None, **valu
               help="Distance (default cosine; an existing index keeps its own).")
 @click.option("--kind", type=click.Choice(["flat", "hnsw", "ivf"]), default=None,
               help="flat: exact scan; hnsw: approximate graph, for millions of rows (default); ivf: inverted lists, "
-                   "builds ~9x faster, queries 1.5-3x slower at equal recall (BENCHMARKS.md). An existing index keeps its own.")
+                   "builds ~12x faster, queries ~1.7x slower at equal recall (BENCHMARKS.md). An existing index keeps its own.")
 @click.option("--run-date", default=None, metavar="YYYY-MM-DD", help="Add only the partition dt=YYYY-MM-DD.")
 @storage_option
 @handle_errors

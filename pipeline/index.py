@@ -55,7 +55,7 @@ IVF_MAX_LISTS = 65536
 IVF_MIN_PER_LIST = 39  # faiss's minimum training points per centroid
 IVF_TRAIN_PER_LIST = 64
 IVF_SEED = 0
-IVF_NPROBE = 512  # lists scanned per query: recall@10 0.96 at 1M x 32 N(0, I) (BENCHMARKS.md); stored in index.json,
+IVF_NPROBE = 512  # lists scanned per query: recall@10 0.96 at 1M x 32 N(0, I) (BENCHMARKS.md); in index.json;
 # VectorIndex.nprobe sets it at query time (saved with the index when it is next written)
 ROW_FIELDS = pa.schema([("key", pa.string()), ("shard", pa.string()), ("index", pa.int64()), ("label", pa.int64()),
                         ("anomaly_score", pa.float64())])
