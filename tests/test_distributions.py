@@ -118,3 +118,15 @@ def test_logistic_mixture_samples_and_means_are_valid_pixels():
     assert s.shape == m.shape == (1, 3, 1, 64)
     assert s.min() >= 0 and s.max() <= 255 and torch.equal(s, s.round())
     assert m.min() >= 0 and m.max() <= 255
+
+
+def test_mixture_nll_in_row_bands_equals_the_whole_image(monkeypatch):
+    torch.manual_seed(3)
+    p = torch.randn(4, 5 * 10, 12, 7, dtype=torch.float64)
+    t = torch.randint(0, 256, (4, 3, 12, 7)).double()
+    whole = -LogisticMixturePixels(p, channels=3, mixtures=5).log_prob_pixels(t).reshape(4, -1).sum(-1)
+    monkeypatch.setattr(LogisticMixturePixels, "chunk_values", 4 * 5 * 3 * 7 * 5)  # bands of 5 rows: 5, 5, 2
+    banded = LogisticMixturePixels(p, channels=3, mixtures=5).nll(t)
+    torch.testing.assert_close(banded, whole, rtol=1e-13, atol=0)
+    one = LogisticMixturePixels(p[1:2], channels=3, mixtures=5).nll(t[1:2])  # each image's bands are its own rows
+    torch.testing.assert_close(one, banded[1:2], rtol=1e-13, atol=0)
