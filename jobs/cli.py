@@ -262,6 +262,9 @@ def calibrate(checkpoint_url: str, data_url: str, limit: int, iwae_k: int, seed:
 @click.option("--n", default=64, show_default=True, help="Images (samples, reconstructions, or interpolation rows).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--temperature", default=1.0, show_default=True, help="Prior scale: <1 gives cleaner, less varied samples.")
+@click.option("--stochastic", is_flag=True,
+              help="Prior samples: draw every pixel from p(x|z) instead of showing its mean (texture; with a pixel "
+                   "context, ancestral sampling in raster order).")
 @click.option("--reconstruct", "reconstruct_url", default=None, metavar="DATA_URL",
               help="Instead of sampling: images from DATA_URL above their reconstructions.")
 @click.option("--interpolate", is_flag=True, help="Instead of sampling: rows of latent interpolations.")
@@ -271,7 +274,8 @@ def calibrate(checkpoint_url: str, data_url: str, limit: int, iwae_k: int, seed:
               help="Enlarge each tile this many times (nearest neighbour), e.g. 3 for 32 px photos.")
 @storage_option
 @handle_errors
-def generate(checkpoint_url: str, out: str, n: int, seed: int, temperature: float, reconstruct_url: str | None,
+def generate(checkpoint_url: str, out: str, n: int, seed: int, temperature: float, stochastic: bool,
+             reconstruct_url: str | None,
              interpolate: bool, data_url: str | None, steps: int, scale: int, storage_options: str | None) -> None:
     """Generate images from a checkpoint into a PNG grid.
 
@@ -293,7 +297,7 @@ def generate(checkpoint_url: str, out: str, n: int, seed: int, temperature: floa
                                             storage_options=so, scale=scale)
     else:
         count = gen.generate_samples(checkpoint_url, out, n=n, seed=seed, temperature=temperature,
-                                     storage_options=so, scale=scale)
+                                     storage_options=so, scale=scale, stochastic=stochastic)
     click.echo(json.dumps({"out": out, "images": count}))
 
 

@@ -34,12 +34,14 @@ def _images(data_url: str, model: VAE, n: int, so: StorageOptions) -> torch.Tens
 
 
 def generate_samples(checkpoint_url: str, out_url: str, n: int = 64, seed: int = 0, temperature: float = 1.0,
-                     storage_options: StorageOptions = None, scale: int = 1) -> int:
-    """n images from the prior (pixel means), tiled into one PNG. Returns images written."""
+                     storage_options: StorageOptions = None, scale: int = 1, stochastic: bool = False) -> int:
+    """n images from the prior, tiled into one PNG: the pixel means, or with ``stochastic`` a draw of
+    every pixel from p(x|z) (ancestral, in raster order with a pixel context). Returns images written."""
     if n < 1 or temperature <= 0:
         raise ConfigError("--n must be >= 1 and --temperature > 0")
     model = _model(checkpoint_url, storage_options)
-    imgs = model.sample(n, generator=torch.Generator(_device(model)).manual_seed(seed), temperature=temperature)
+    imgs = model.sample(n, generator=torch.Generator(_device(model)).manual_seed(seed), temperature=temperature,
+                        stochastic_pixels=stochastic)
     save_grid(imgs, out_url, storage_options=storage_options, scale=scale)
     return n
 

@@ -144,6 +144,10 @@ def test_cli_trains_evaluates_and_generates_with_a_pixel_context(tmp_path):
     assert res.exit_code == 0, res.output
     res = invoke("generate", ckpt, "--out", tmp_path / "s.png", "--n", 4)
     assert res.exit_code == 0, res.output
+    for name in ("a.png", "b.png"):  # ancestral sampling: seeded, so the same grid twice
+        res = invoke("generate", ckpt, "--out", tmp_path / name, "--n", 4, "--stochastic", "--seed", 3)
+        assert res.exit_code == 0, res.output
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     res = invoke("train", shards, "--out", tmp_path / "x.safetensors", "--likelihood", "bernoulli", "--context-layers", 1)
     assert res.exit_code != 0 and "bernoulli" in res.output and "Traceback" not in res.output
 
