@@ -174,7 +174,7 @@ def test_s3_outage_mid_run_fails_in_one_line_and_rerun_matches(restartable_s3, t
     proc = _embed(data_url, ckpt_url, "s3://outage/out/", so_json)
     while not _outputs(fs, part):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() - t0 < 90, "no shard committed within 90 s"
+        assert time.monotonic() - t0 < 240, "no shard committed within 240 s"
         time.sleep(0.05)
     restartable_s3.stop()
     stopped = time.monotonic()
@@ -239,7 +239,7 @@ def test_dask_worker_killed_mid_shard_every_row_once(private_dask_cluster, fashi
         t0 = time.monotonic()
         while (victim := _writing_a_shard(before, part)) is None:
             assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() - t0 < 90, "no worker started a shard within 90 s"
+            assert time.monotonic() - t0 < 240, "no worker started a shard within 240 s"  # slow start-up on a loaded box
             time.sleep(0.01)
         pid, temp_file = victim
         os.kill(pid, signal.SIGKILL)  # the worker process itself: its nanny stays and starts a new one
