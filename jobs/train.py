@@ -280,8 +280,7 @@ def train_step(session: Session, state: TrainState, x: torch.Tensor) -> dict[str
     beta = losses.kl_warmup_weight(state.step, cfg.kl_warmup_steps, session.model_cfg.beta)
     with autocast(session.device, session.precision):
         terms = model(x, generator=session.gen)
-    kl = losses.free_bits_kl(terms.kl_dims, cfg.free_bits) if cfg.free_bits > 0 else terms.kl
-    loss = losses.negative_elbo(terms.recon_nll, kl, beta).mean()
+    loss = losses.negative_elbo(terms.recon_nll, losses.free_bits_kl(terms.kl_dims, cfg.free_bits), beta).mean()
     session.opt.zero_grad(set_to_none=True)
     loss.backward()
     norm, limit = clipped_step(model, session.opt, cfg, state)

@@ -153,8 +153,9 @@ def decode_with(data: bytes, channels: int, size: int, max_pixels: int | None = 
     transform = _icc_transform(img)
     if transform is None:  # sRGB (or no usable profile): convert first, so the resize moves fewer bands
         img = _to_8bit(img, gray=channels == 1)
-        if img.mode != ("L" if channels == 1 else "RGB"):  # convert() to the same mode would copy
-            img = img.convert("L" if channels == 1 else "RGB")
+        mode = "L" if channels == 1 else "RGB"
+        if img.mode != mode:  # convert() to the same mode would copy
+            img = img.convert(mode)
     elif img.mode != "CMYK":  # RGB in the profile's space, alpha over white: transformed once resized
         img = _to_8bit(img).convert("RGB")
     img = _fit(img, (w, h), scale, size, resize, reducing_gap)

@@ -402,7 +402,7 @@ def build_index(latents_url: str, index_url: str, metric: str | None = None, kin
             table = read_ahead.pop(part) if part in read_ahead else _read_rows(part, manifest, storage_options)
         if not index.trained:  # the lists are sized and trained on all the rows of the first build
             for later in parts[parts.index(part) + 1:]:
-                if _partition_name(latents_url, later) not in done:
+                if later not in read_ahead and _partition_name(latents_url, later) not in done:
                     read_ahead[later] = _read_rows(later, json.loads(read_bytes(join(later, MANIFEST), storage_options)),
                                                    storage_options)
             index.train(_unique_embeddings([table, *read_ahead.values()]))

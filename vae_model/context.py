@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributions import pixel_distribution
+
 FIRST_KERNEL = 5  # the first (strictly causal) layer's kernel
 
 
@@ -84,7 +86,6 @@ class ContextPixels:
         self.context, self.precise = context, precise
 
     def _base(self, params: torch.Tensor):
-        from .distributions import pixel_distribution
         return pixel_distribution(self.name, params.double() if self.precise else params, self.channels, self.mixtures)
 
     def nll(self, target: torch.Tensor) -> torch.Tensor:
