@@ -1,19 +1,40 @@
-"""Anomaly-detection benchmark, scored through ``vaepipe embed`` (pipeline.run.run_embed).
+"""Anomaly battery (issue 14): every case scored through ``vaepipe embed`` (pipeline.run.run_embed).
 
-    python benchmarks/anomaly.py --checkpoint .bench/likelihood/fashion-8bit-full.safetensors
-    python benchmarks/anomaly.py --quick
+    OMP_NUM_THREADS=1 python benchmarks/anomaly.py --budget 180          # the battery (~25 CPU-minutes)
+    OMP_NUM_THREADS=1 python benchmarks/anomaly.py --quick               # smoke run (tiny models, few images)
 
-Case 1 (out of distribution): a model trained on Fashion-MNIST train (8-bit likelihood); normal =
-Fashion-MNIST test, anomalous = MNIST test. Plain likelihoods fail here (Nalisnick et al. 2019).
-Case 2 (in distribution): a model trained on Fashion-MNIST train without one class; normal = the
-other test classes, anomalous = the held-out class.
-For every score the pipeline offers: AUROC, AUPRC, FPR at 95% TPR, and the scoring cost (sum of
-per-shard seconds from the manifests, same run) relative to plain ELBO scoring.
+Models (conv VAE, latent 32, widths 32/64, hidden 512) trained by the training job (``vaepipe
+train``'s code) for ``--budget`` seconds each, single-threaded, on the first ``--train-images`` of
+their training set, then recalibrated (``vaepipe calibrate``'s code) on the next
+``--calibration-images``, which they never saw: Fashion-MNIST, MNIST, and Fashion-MNIST without
+class c for c in HOLDOUT.
+
+The combination rule (vae_model.combine.RULES) is chosen by :func:`choose_rule` on the Fashion
+model's development cases (the first to run): the best worst-case AUROC gap to the best single
+statistic, then the best mean gap. The Fashion model is then recalibrated with it when it is not
+the default, and every later model is calibrated with it.
+
+Cases (normal vs anomalous), each with a fixed half, decided before any result was seen:
+  shift      Fashion-MNIST test vs MNIST test under the Fashion model (dev), and MNIST test vs
+             Fashion-MNIST test under the MNIST model (held out).
+  holdout-c  Fashion-MNIST test: the 9 other classes vs class c, under the model trained without c,
+             for all 10 classes (HOLDOUT); even classes are development cases, odd ones held out.
+  corrupt    Fashion-MNIST test images 0-4999 vs corruptions of images 5000+ (CORRUPTIONS: noise,
+             blur, contrast, brightness, occlusion, geometry, mixing, JPEG, ...; up to 3
+             severities); the kinds, sorted by name, alternate between the halves (dev first).
+Scores: the single statistics (``elbo`` = -ELBO nats, ``complexity``, ``kde`` = -log KDE density of
+(-ELBO bits, coder bits), ``knn`` = m log r_1 of the posterior mean), ``typicality_v2`` (kde + knn,
+the previous recommended score), and the combined rules (``fisher``, ``tpm``, ``minp``: vae_model.combine);
+``typicality`` is the column embed wrote (the checkpoint's rule). All are computed from the rows'
+columns and the checkpoint's stored reference, so one embed run per (model, data set) gives them
+all. AUROC, AUPRC, FPR at 95% TPR per case; the flag rate at several ``--threshold-quantile``
+values on every case's normal set; the cost per image of ``--score typicality`` vs ``--score elbo``.
 """
 from __future__ import annotations
 
 import argparse
 import gzip
+import io
 import json
 import os
 import platform
@@ -21,9 +42,11 @@ import struct
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
+from PIL import Image, ImageFilter
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -32,19 +55,104 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import common  # noqa: E402
 from ood_metrics import auprc, auroc, fpr_at_tpr  # noqa: E402
 
-from jobs.train import TrainConfig, train  # noqa: E402
-from pipeline.idx import read_idx  # noqa: E402
-from pipeline.options import EmbedOptions  # noqa: E402
-from pipeline.run import run_embed  # noqa: E402
-from pipeline.shards import write_shards  # noqa: E402
-
 BENCH = ROOT / ".bench" / "anomaly"
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 MNIST = Path("/tmp/mnist/package/data")
-SCORES = ("elbo", "iwae", "complexity", "typicality")
+HOLDOUT = tuple(range(10))
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
+SINGLE = ("elbo", "complexity", "kde", "knn")
+# Candidate combinations (rule, statistics): the design choice frozen on the development half.
+SUBSETS = (("nll_bits", "complexity", "kde", "knn"), ("nll_bits_2s", "complexity_2s", "kde", "knn"),
+           ("complexity_2s", "kde", "knn"), ("complexity", "kde", "knn"), ("kde", "knn"),
+           ("nll_bits", "complexity", "knn"), ("nll_bits_2s", "complexity_2s", "knn"), ("complexity", "knn"),
+           ("complexity_2s", "knn"))
+CANDIDATES = tuple(f"{rule}:{'+'.join(uses)}" for rule in ("fisher", "tpm", "minp") for uses in SUBSETS)
+SCORES = SINGLE + ("typicality_v2",) + CANDIDATES + ("typicality",)
+SHOWN = SINGLE + ("typicality_v2", "typicality")  # in the printed tables (every score is in the JSON)
+QUANTILES = (0.9, 0.95, 0.99, 0.999)
+N_NORMAL = 5000  # Fashion test images 0..4999: the corruption cases' normal set
 
+
+# -- corruptions (uint8 (N, 28, 28) in, same out; rng seeded per case) ---------------------------
+
+def _clip(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def _pil(x: np.ndarray, f) -> np.ndarray:
+    return np.stack([np.asarray(f(Image.fromarray(im))) for im in x])
+
+
+def _jpeg(im: Image.Image, quality: int) -> Image.Image:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("L")
+
+
+def _occlude(x: np.ndarray, side: int, rng: np.random.Generator) -> np.ndarray:
+    out = x.copy()
+    for im in out:
+        r, c = rng.integers(0, 28 - side + 1, 2)
+        im[r:r + side, c:c + side] = rng.integers(0, 256)
+    return out
+
+
+def _scale(x: np.ndarray, f: float) -> np.ndarray:
+    side = max(2, round(28 * f))
+    off = (28 - side) // 2
+    out = np.zeros_like(x)
+    for i, im in enumerate(x):
+        out[i, off:off + side, off:off + side] = np.asarray(Image.fromarray(im).resize((side, side), Image.BILINEAR))
+    return out
+
+
+def _translate(x: np.ndarray, d: int, rng: np.random.Generator) -> np.ndarray:
+    out = np.zeros_like(x)
+    for i, im in enumerate(x):
+        dy, dx = (rng.choice([-1, 1], 2) * d) if rng.random() < 0.5 else (rng.choice([-1, 1]) * d, 0)
+        src = im[max(0, -dy):28 - max(0, dy), max(0, -dx):28 - max(0, dx)]
+        out[i, max(0, dy):max(0, dy) + src.shape[0], max(0, dx):max(0, dx) + src.shape[1]] = src
+    return out
+
+
+def _pixelate(x: np.ndarray, side: int) -> np.ndarray:
+    return _pil(x, lambda im: im.resize((side, side), Image.BOX).resize((28, 28), Image.NEAREST))
+
+
+# kind -> (severities, f(images, severity, rng, other images))
+CORRUPTIONS = {
+    "blur": ((0.7, 1.2, 2.0), lambda x, s, r, o: _pil(x, lambda im: im.filter(ImageFilter.GaussianBlur(s)))),
+    "brightness": ((40, 90, 150), lambda x, s, r, o: _clip(x.astype(float) + s)),
+    "contrast": ((0.6, 0.35, 0.15), lambda x, s, r, o: _clip((x - x.mean((1, 2), keepdims=True)) * s
+                                                            + x.mean((1, 2), keepdims=True))),
+    "flip_vertical": ((1,), lambda x, s, r, o: x[:, ::-1].copy()),
+    "gaussian_noise": ((8, 24, 64), lambda x, s, r, o: _clip(x + r.normal(0, s, x.shape))),
+    "invert": ((1,), lambda x, s, r, o: 255 - x),
+    "jpeg": ((50, 20, 5), lambda x, s, r, o: _pil(x, lambda im: _jpeg(im, s))),
+    "mix": ((0.2, 0.35, 0.5), lambda x, s, r, o: _clip((1 - s) * x + s * o)),
+    "occlusion": ((6, 10, 14), lambda x, s, r, o: _occlude(x, s, r)),
+    "pixelate": ((14, 9, 7), lambda x, s, r, o: _pixelate(x, s)),
+    "rotate": ((15, 45, 90), lambda x, s, r, o: _pil(x, lambda im: im.rotate(s, Image.BILINEAR))),
+    "salt_pepper": ((0.02, 0.08, 0.25), lambda x, s, r, o: np.where(r.random(x.shape) < s,
+                                                                   255 * (r.random(x.shape) < 0.5), x).astype(np.uint8)),
+    "scale": ((0.8, 0.6, 0.4), lambda x, s, r, o: _scale(x, s)),
+    "speckle": ((0.15, 0.4, 0.8), lambda x, s, r, o: _clip(x * (1 + r.normal(0, s, x.shape)))),
+    "translate": ((3, 6, 10), lambda x, s, r, o: _translate(x, s, r)),
+}
+DEV_KINDS = tuple(sorted(CORRUPTIONS))[0::2]  # alternate by name, dev first
+
+
+def half(case: str) -> str:
+    """The fixed dev / held-out half of a case (module docstring)."""
+    if case.startswith("shift"):
+        return "dev" if case == "shift-fashion-mnist" else "held"
+    if case.startswith("holdout"):
+        return "dev" if HOLDOUT.index(int(case.split("-")[1])) % 2 == 0 else "held"
+    return "dev" if case.split("@")[0].removeprefix("corrupt-") in DEV_KINDS else "held"
+
+
+# -- data and models -----------------------------------------------------------------------------
 
 def _write_idx(path: Path, arr: np.ndarray) -> None:
     hdr = struct.pack(">I", 0x800 | arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
@@ -52,98 +160,390 @@ def _write_idx(path: Path, arr: np.ndarray) -> None:
         f.write(hdr + arr.astype(np.uint8).tobytes())
 
 
-def shards(src: Path, name: str, limit: int | None) -> str:
+def _idx_pair(d: Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    img_path = d / "images-idx3-ubyte.gz"
+    if not img_path.exists():
+        _write_idx(d / "labels-idx1-ubyte.gz", labels)
+        _write_idx(img_path, images)
+    return img_path
+
+
+def shards(src: Path, name: str, limit: int | None = None) -> str:
+    from pipeline.shards import write_shards
+
     return str(common.build_once(BENCH / name, lambda d: write_shards(str(src), str(d), fmt="tar", shard_size=2500,
                                                                        limit=limit)))
 
 
+def _read(path: Path) -> np.ndarray:
+    from pipeline.idx import read_idx
+
+    return read_idx(str(path))
+
+
+def corruption_set(n_per_case: int, tag: str) -> tuple[str, list[str]]:
+    """Shards of every corruption case (label = case number) and the case names."""
+    test = _read(FASHION / "t10k-images-idx3-ubyte.gz")
+    base, other = test[N_NORMAL:N_NORMAL + n_per_case], test[N_NORMAL + n_per_case:N_NORMAL + 2 * n_per_case]
+    names, imgs = [], []
+    for kind in sorted(CORRUPTIONS):
+        sevs, f = CORRUPTIONS[kind]
+        for j, s in enumerate(sevs):
+            rng = np.random.default_rng([14, len(names)])
+            names.append(f"corrupt-{kind}@{j + 1}")
+            imgs.append(f(base, s, rng, other[rng.permutation(len(other))]))
+    labels = np.repeat(np.arange(len(names)), n_per_case)
+    src = _idx_pair(BENCH / f"idx-corrupt-{tag}-{n_per_case}", np.concatenate(imgs), labels)
+    return shards(src, f"corrupt-{tag}-{n_per_case}"), names
+
+
 def without_class(holdout: int) -> Path:
-    """Fashion-MNIST train minus one class, as an IDX pair (labels kept)."""
-    imgs = read_idx(str(FASHION / "train-images-idx3-ubyte.gz"))
-    labels = read_idx(str(FASHION / "train-labels-idx1-ubyte.gz"))
+    labels = _read(FASHION / "train-labels-idx1-ubyte.gz")
     keep = labels != holdout
-    d = BENCH / f"idx-no{holdout}"
-    d.mkdir(parents=True, exist_ok=True)
-    img_path = d / "train-images-idx3-ubyte.gz"
-    if not img_path.exists():
-        _write_idx(img_path, imgs[keep])
-        _write_idx(d / "train-labels-idx1-ubyte.gz", labels[keep])
-    return img_path
+    return _idx_pair(BENCH / f"idx-no{holdout}", _read(FASHION / "train-images-idx3-ubyte.gz")[keep], labels[keep])
 
 
-def train_model(data: str, out: Path, budget: float) -> str:
+def train_model(data: str, out: Path, budget: float, quick: bool) -> tuple[str, dict]:
+    """A checkpoint trained for ``budget`` seconds (cached), and its training record."""
+    from jobs.train import TrainConfig, train
+
+    from vae_model.errors import VaePipeError
+
+    record = out.with_suffix(".train.json")
     if not common.trained(out):
-        train(TrainConfig(data_url=data, out=str(out), epochs=1000, time_limit=budget, patience=1000,
-                          batch_size=128, lr_schedule="cosine", val_fraction=0.1, quantile_images=10000,
-                          quantile_iwae_k=16,
-                          model=dict(latent_dim=32, widths=(32, 64), hidden_dim=512)), progress=False)
-    return str(out)
+        t, limit = time.process_time(), budget
+        cfg = dict(data_url=data, out=str(out), epochs=1000, patience=1000, batch_size=128, lr_schedule="cosine",
+                   val_fraction=0.1, quantile_images=2000 if quick else 10000, quantile_iwae_k=1, num_workers=0,
+                   model=dict(latent_dim=32, widths=(32, 64), hidden_dim=512))
+        try:
+            r = train(TrainConfig(**cfg, time_limit=limit), progress=False)
+        except VaePipeError:  # a shared box gave it too little CPU for one epoch: go on until one ends
+            limit = 2 * budget
+            r = train(TrainConfig(**cfg, time_limit=limit, resume=True), progress=False)
+        record.write_text(json.dumps({"budget_s": limit, "epochs": r.epochs, "stopped": r.stopped,
+                                      "cpu_s": round(time.process_time() - t, 1)}))
+    return str(out), json.loads(record.read_text()) if record.exists() else {"budget_s": budget}
 
 
-def score(data: str, ckpt: str, name: str, score: str, iwae_k: int) -> tuple[pd.DataFrame, float]:
-    out = BENCH / "out" / f"{name}-{score}"
-    m = run_embed(data, EmbedOptions(ckpt, str(out), score=score, iwae_k=iwae_k, batch_size=256,
-                                     skip_existing=False),
+def embed(data: str, ckpt: str, name: str, score: str = "typicality") -> tuple[pd.DataFrame, dict]:
+    """Rows of ``vaepipe embed`` (cached by the output key: a rerun skips), and its cost."""
+    from pipeline.options import EmbedOptions
+    from pipeline.run import run_embed
+
+    out = BENCH / "out" / f"{name}-{score}-{Path(ckpt).stem}-{Path(data).name}"
+    cost_file = out.with_suffix(".cost.json")
+    m = run_embed(data, EmbedOptions(ckpt, str(out), score=score, batch_size=256, torch_threads=1, mode="overwrite"),
                   ["--direct_num_workers=1"])
     assert m["reconciled"], m
-    df = pd.concat([pd.read_parquet(p) for p in sorted(out.glob("*.parquet"))])
-    return df, sum(s["seconds"] for s in m["shards"])
+    df = pd.concat([pd.read_parquet(p) for p in sorted(out.glob("*.parquet"))], ignore_index=True)
+    if not all(s.get("skipped") for s in m["shards"]) or not cost_file.exists():
+        cost_file.write_text(json.dumps({"seconds": sum(s["seconds"] for s in m["shards"]), "images": len(df)}))
+    return df, json.loads(cost_file.read_text())
+
+
+def statistics(df: pd.DataFrame, ckpt: str) -> dict[str, np.ndarray]:
+    """Every score of :data:`SCORES` for embed's rows, from their columns and the stored reference."""
+    from vae_model.checkpoint_header import inspect_checkpoint
+    from vae_model.losses import LN2
+    from vae_model.typicality import TypicalityReference
+
+    ref = TypicalityReference.from_dict(inspect_checkpoint(ckpt).meta["typicality"])
+    nll = -df["elbo"].to_numpy() / LN2
+    feats = np.stack([nll, nll - df["complexity"].to_numpy()], 1)
+    lat = np.stack(df["embedding"].to_numpy()).astype(np.float64)
+    st = ref.statistics(feats, lat)
+    out = {"elbo": -df["elbo"].to_numpy(), "complexity": st["complexity"], "kde": st["kde"], "knn": st["knn"],
+           "typicality_v2": st["kde"] + st["knn"], "typicality": df["typicality"].to_numpy()}
+    for cand in CANDIDATES:
+        rule, uses = cand.split(":")
+        out[cand] = ref.combine_statistics(st, rule, tuple(uses.split("+")))
+    return out
 
 
 def metrics(normal: np.ndarray, anomalous: np.ndarray) -> dict:
     return {"auroc": auroc(normal, anomalous), "auprc": auprc(normal, anomalous),
-            "fpr_at_95_tpr": fpr_at_tpr(normal, anomalous, 0.95)}
+            "fpr95": fpr_at_tpr(normal, anomalous, 0.95)}
+
+
+def flag_rates(df: pd.DataFrame, ckpt: str) -> dict:
+    """Share of normal rows flagged at each --threshold-quantile q (embed's own is_anomaly at its
+    default 0.99; the others with its threshold rule, calibration.threshold_for), the 95%
+    binomial acceptance interval of 1 - q for that many rows, and the beta-binomial p-value that
+    also counts the calibration sample (pipeline.drift's test)."""
+    from scipy.stats import binom
+
+    from pipeline.drift_stats import beta_binomial_test
+    from vae_model.calibration import threshold_for
+    from vae_model.checkpoint_header import inspect_checkpoint
+
+    table = inspect_checkpoint(ckpt).score_quantiles["typicality"]
+    s, n, n_cal = df["typicality"].to_numpy(), len(df), table["n"]
+    out = {"rows": n, "calibration_n": n_cal, "embed_is_anomaly_0.99": float(df["is_anomaly"].mean())}
+    for q in QUANTILES:
+        k = int((s > threshold_for(table, q)).sum())
+        lo, hi = binom.interval(0.95, n, 1 - q)
+        h = (n_cal - 1) * q
+        out[f"{q:g}"] = {"rate": k / n, "expected": 1 - q, "ci95": [lo / n, hi / n], "within": bool(lo <= k <= hi),
+                         "beta_binomial_p": beta_binomial_test(k, n, n_cal - h, h + 1)}
+    return out
+
+
+def percentile_resolution(df: pd.DataFrame) -> dict:
+    """How well anomaly_percentile separates anomalous rows: the share at exactly 100.0 and the
+    number of distinct values above 99."""
+    p = df["anomaly_percentile"].to_numpy()
+    return {"at_100": float((p >= 100.0).mean()), "above_99": float((p > 99).mean()),
+            "distinct_above_99": int(len(np.unique(p[p > 99])))}
+
+
+def _case(results: dict, name: str, normal: dict, anom: dict, extra: dict | None = None) -> None:
+    results["cases"][name] = {"half": half(name), "n_normal": len(normal["elbo"]), "n_anomalous": len(anom["elbo"]),
+                              **(extra or {}), "scores": {s: metrics(normal[s], anom[s]) for s in SCORES}}
+
+
+def _select(st: dict, mask: np.ndarray) -> dict:
+    return {k: v[mask] for k, v in st.items()}
+
+
+def _key_index(df: pd.DataFrame) -> np.ndarray:
+    return df["key"].str.rsplit("/", n=1).str[-1].astype(int).to_numpy()
+
+
+def calibrated(ckpt: str, images: np.ndarray, name: str, choice: str) -> str:
+    """``ckpt`` recalibrated (``vaepipe calibrate``'s code) with ``rule`` on ``images``: training-set
+    images the model never saw (it trains on the first --train-images)."""
+    from jobs.calibrate import calibrate
+    from vae_model.checkpoint_header import inspect_checkpoint
+
+    rule, uses = choice.split(":")
+    meta = inspect_checkpoint(ckpt).meta
+    t = meta["typicality"]
+    if (meta.get("calibration", {}).get("data_url", "").endswith(name) and t.get("rule") == rule
+            and "+".join(t.get("uses", [])) == uses):
+        return ckpt
+    data = shards(_idx_pair(BENCH / f"idx-{name}", images, np.zeros(len(images), np.uint8)), name)
+    calibrate(ckpt, data, limit=None, iwae_k=1, rule=rule, uses=tuple(uses.split("+")))
+    return ckpt
+
+
+def choose_rule(results: dict) -> dict:
+    """The combination (rule and statistics: :data:`CANDIDATES`), frozen on the development cases
+    seen so far (the Fashion model's): the best worst-case AUROC gap to the best single statistic,
+    then the best mean gap."""
+    dev = [c["scores"] for c in results["cases"].values() if c["half"] == "dev"]
+    gaps = {r: [sc[r]["auroc"] - max(sc[s]["auroc"] for s in SINGLE) for sc in dev] for r in CANDIDATES}
+    summary = {r: {"worst": min(g), "mean": float(np.mean(g))} for r, g in gaps.items()}
+    best = max(CANDIDATES, key=lambda r: (round(summary[r]["worst"], 4), summary[r]["mean"]))
+    return {"rule": best, "dev_cases": len(dev), "gaps": summary}
+
+
+class Battery:
+    """The battery's models, data sets and cases; :func:`run` drives it in three phases."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.quick, self.tag = args.quick, "quick" if args.quick else "full"
+        self.limit = 1000 if args.quick else args.test_images
+        self.budget = 45.0 if args.quick else args.budget
+        self.n_case = 50 if args.quick else args.per_case
+        self.n_train = 1000 if args.quick else args.train_images
+        self.n_cal = 1000 if args.quick else args.calibration_images
+        self.holdouts = HOLDOUT[:1] if args.quick else HOLDOUT[:args.holdouts]
+        self.wait = args.wait_for_training
+        self.f_train, self.m_train = _read(FASHION / "train-images-idx3-ubyte.gz"), _read(MNIST / "train-images-idx3-ubyte")
+        self.f_labels = _read(FASHION / "train-labels-idx1-ubyte.gz")
+        self.f_test = shards(FASHION / "t10k-images-idx3-ubyte.gz", f"fashion-test-{self.tag}-{self.limit}", self.limit)
+        self.m_test = shards(MNIST / "t10k-images-idx3-ubyte", f"mnist-test-{self.tag}-{self.limit}", self.limit)
+        self.c_data, self.c_names = corruption_set(self.n_case, self.tag)
+
+    def _train(self, data: str, out: Path) -> tuple[str, dict]:
+        """:func:`train_model`, or (``--wait-for-training``) the checkpoint a ``--train-only`` run
+        is training: waited for, never trained twice."""
+        while self.wait and not common.trained(out):
+            time.sleep(15)
+        return train_model(data, out, self.budget, self.quick)
+
+    def models(self) -> Iterator[tuple[str, str, dict, np.ndarray, str]]:
+        """(name, checkpoint, training record, calibration images, calibration set name) per model."""
+        t, n = self.tag, self.n_train
+        ck, rec = self._train(shards(FASHION / "train-images-idx3-ubyte.gz", f"fashion-train-{t}-{n}", n),
+                              BENCH / f"fashion-{t}-{n}.safetensors")
+        yield ("fashion", ck, rec, self.f_train[n:n + self.n_cal], f"cal-fashion-{t}-{self.n_cal}")
+        ck, rec = self._train(shards(MNIST / "train-images-idx3-ubyte", f"mnist-train-{t}-{n}", n),
+                              BENCH / f"mnist-{t}-{n}.safetensors")
+        yield ("mnist", ck, rec, self.m_train[n:n + self.n_cal], f"cal-mnist-{t}-{self.n_cal}")
+        for c in self.holdouts:
+            ck, rec = self._train(shards(without_class(c), f"fashion-train-no{c}-{t}-{n}", n),
+                                  BENCH / f"fashion-no{c}-{t}-{n}.safetensors")
+            rest = self.f_train[self.f_labels != c]
+            yield (f"no{c}", ck, rec, rest[n:n + self.n_cal], f"cal-no{c}-{t}-{self.n_cal}")
+
+    def cases(self, model: str, ck: str, results: dict) -> None:
+        """Embed the model's data sets (``--score typicality``) and record its cases, flag rates
+        and percentile resolution."""
+        t = self.tag
+        if model == "fashion":
+            ff, ff_cost = embed(self.f_test, ck, f"{t}-fashion-on-fashion")
+            fm, _ = embed(self.m_test, ck, f"{t}-mnist-on-fashion")
+            st_ff = statistics(ff, ck)
+            _case(results, "shift-fashion-mnist", st_ff, statistics(fm, ck))
+            results["percentiles"]["shift-fashion-mnist"] = percentile_resolution(fm)
+            results["flag_rates"]["fashion-test (fashion model)"] = flag_rates(ff, ck)
+            cdf, _ = embed(self.c_data, ck, f"{t}-corrupt-on-fashion")
+            st_c = statistics(cdf, ck)
+            normal = _key_index(ff) < min(N_NORMAL, len(ff) // 2)
+            results["flag_rates"]["fashion-test 0-4999 (fashion model)"] = flag_rates(ff[normal], ck)
+            labels = cdf["label"].to_numpy()
+            for i, name in enumerate(self.c_names):
+                _case(results, name, _select(st_ff, normal), _select(st_c, labels == i))
+            results["cost"]["typicality_s_per_image"] = ff_cost["seconds"] / ff_cost["images"]
+            _, elbo_cost = embed(self.f_test, ck, f"{t}-fashion-on-fashion", score="elbo")
+            results["cost"]["elbo_s_per_image"] = elbo_cost["seconds"] / elbo_cost["images"]
+            results["cost"]["ratio"] = results["cost"]["typicality_s_per_image"] / results["cost"]["elbo_s_per_image"]
+        elif model == "mnist":
+            mm, _ = embed(self.m_test, ck, f"{t}-mnist-on-mnist")
+            mf, _ = embed(self.f_test, ck, f"{t}-fashion-on-mnist")
+            _case(results, "shift-mnist-fashion", statistics(mm, ck), statistics(mf, ck))
+            results["percentiles"]["shift-mnist-fashion"] = percentile_resolution(mf)
+            results["flag_rates"]["mnist-test (mnist model)"] = flag_rates(mm, ck)
+        else:
+            c = int(model.removeprefix("no"))
+            df, _ = embed(self.f_test, ck, f"{t}-fashion-on-{model}")
+            st = statistics(df, ck)
+            held = df["label"].to_numpy() == c
+            _case(results, f"holdout-{c}", _select(st, ~held), _select(st, held), {"class": FASHION_CLASSES[c]})
+            results["flag_rates"][f"fashion-test without class {c} ({model} model)"] = flag_rates(df[~held], ck)
+            results["percentiles"][f"holdout-{c}"] = percentile_resolution(df[held])
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Phase 1: every model calibrated with the library's default combination, every case scored
+    through embed (the statistics of every candidate come from the rows and the stored
+    reference). Phase 2: the combination chosen on the development cases. Phase 3: every model
+    recalibrated with it (when it is not the default) and scored again through embed, so that
+    the ``typicality`` column, flag rates and percentiles are those of the chosen score."""
+    import torch
+
+    from vae_model.combine import DEFAULT_RULE
+    from vae_model.typicality import DEFAULT_USES
+
+    torch.set_num_threads(1)
+    bat = Battery(args)
+    results: dict = {"cases": {}, "models": {}, "flag_rates": {}, "percentiles": {}, "cost": {}}
+    default = f"{DEFAULT_RULE}:{'+'.join(DEFAULT_USES)}"
+    models = []
+    for name, ck, rec, cal, cal_name in bat.models():
+        models.append((name, ck, rec, cal, cal_name))
+        results["models"][name] = rec
+        calibrated(ck, cal, cal_name, default)
+        bat.cases(name, ck, results)
+        print(f"phase 1: {name} done", flush=True)
+        _save(results, args)
+    results["rule_choice"] = choose_rule(results)
+    rule = results["rule_choice"]["rule"]
+    print("combination chosen on the development cases:", results["rule_choice"]["rule"], flush=True)
+    if rule != default and not args.no_phase3:
+        results["phase1_default"] = {"rule": default, "cases": results["cases"]}
+        results["cases"] = {}
+        for name, ck, _, cal, cal_name in models:
+            calibrated(ck, cal, cal_name, rule)
+            bat.cases(name, ck, results)
+            print(f"phase 3: {name} done", flush=True)
+            _save(results, args)
+    return results
+
+
+def train_all(args: argparse.Namespace) -> dict:
+    """Train (or find cached) every model of the battery, in the order :func:`run` uses them."""
+    tag = "quick" if args.quick else "full"
+    budget = 45.0 if args.quick else args.budget
+    n_train = 1000 if args.quick else args.train_images
+    out = {"fashion": train_model(shards(FASHION / "train-images-idx3-ubyte.gz", f"fashion-train-{tag}-{n_train}",
+                                         n_train), BENCH / f"fashion-{tag}-{n_train}.safetensors", budget, args.quick)[1]}
+    print("fashion", out["fashion"], flush=True)
+    out["mnist"] = train_model(shards(MNIST / "train-images-idx3-ubyte", f"mnist-train-{tag}-{n_train}", n_train),
+                               BENCH / f"mnist-{tag}-{n_train}.safetensors", budget, args.quick)[1]
+    print("mnist", out["mnist"], flush=True)
+    for c in HOLDOUT[:1] if args.quick else HOLDOUT[:args.holdouts]:
+        out[f"no{c}"] = train_model(shards(without_class(c), f"fashion-train-no{c}-{tag}-{n_train}", n_train),
+                                    BENCH / f"fashion-no{c}-{tag}-{n_train}.safetensors", budget, args.quick)[1]
+        print(f"no{c}", out[f"no{c}"], flush=True)
+    return out
+
+
+def _save(results: dict, args: argparse.Namespace) -> Path:
+    out = ROOT / "benchmarks" / "results" / f"anomaly-battery{'-quick' if args.quick else ''}.json"
+    out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                               "budget_s": args.budget, "per_case": args.per_case, "holdout": HOLDOUT,
+                               "dev_kinds": DEV_KINDS, "when": time.strftime("%Y-%m-%d %H:%M:%S"), **results},
+                              indent=1, default=float))
+    return out
+
+
+def report(results: dict) -> str:
+    """Markdown tables: per half, every case's AUROC / FPR95 per score, and the gap to the best single."""
+    lines = []
+    for h in ("dev", "held"):
+        cases = {k: v for k, v in results["cases"].items() if v["half"] == h}
+        if not cases:
+            continue
+        lines += [f"\n{'Development' if h == 'dev' else 'Held-out'} half: AUROC (FPR at 95% TPR)\n",
+                  "| case | " + " | ".join(SHOWN) + " | best single | typicality - best |",
+                  "|---" * (len(SHOWN) + 3) + "|"]
+        gaps = {s: [] for s in CANDIDATES + ("typicality", "typicality_v2")}
+        for name, c in cases.items():
+            sc = c["scores"]
+            best = max(SINGLE, key=lambda s: sc[s]["auroc"])
+            for s in gaps:
+                gaps[s].append((sc[s]["auroc"] - sc[best]["auroc"], sc[s]["fpr95"] / max(sc[best]["fpr95"], 1e-4)))
+            cells = [f"{sc[s]['auroc']:.4f} ({sc[s]['fpr95']:.3f})" for s in SHOWN]
+            gap = sc["typicality"]["auroc"] - sc[best]["auroc"]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {best} | {gap:+.4f} |")
+        for s, g in gaps.items():
+            a = np.array(g)
+            lines.append(f"\n{s}: worst AUROC gap to the best single statistic {a[:, 0].min():+.4f}, mean "
+                         f"{a[:, 0].mean():+.4f}; cases within 0.002: {(a[:, 0] >= -0.002).sum()}/{len(a)}; "
+                         f"FPR95 <= 1.5x best: {(a[:, 1] <= 1.5).sum()}/{len(a)}")
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--checkpoint", default=None, help="Fashion-MNIST model (else trained here)")
-    ap.add_argument("--budget", type=float, default=420.0, help="training seconds per model trained here")
-    ap.add_argument("--holdout", type=int, default=8, help="Fashion-MNIST class held out in case 2")
-    ap.add_argument("--iwae-k", type=int, default=16)
-    ap.add_argument("--skip-case2", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="tiny models and data: a smoke run")
+    ap.add_argument("--budget", type=float, default=180.0, help="training seconds per model")
+    ap.add_argument("--train-images", type=int, default=30000, help="training images per model (the first N)")
+    ap.add_argument("--calibration-images", type=int, default=10000,
+                    help="images after the training ones that calibrate each model (vaepipe calibrate)")
+    ap.add_argument("--holdouts", type=int, default=len(HOLDOUT), help="how many of HOLDOUT to run (in order)")
+    ap.add_argument("--test-images", type=int, default=None, help="the first N test images of each data set")
+    ap.add_argument("--per-case", type=int, default=1000, help="corrupted images per corruption case")
+    ap.add_argument("--report-only", action="store_true", help="print the tables of the saved results")
+    ap.add_argument("--train-only", action="store_true", help="train (or find) every model, then stop")
+    ap.add_argument("--wait-for-training", action="store_true",
+                    help="wait for the checkpoints a --train-only run is training instead of training them")
+    ap.add_argument("--no-phase3", action="store_true", help="stop after choosing the combination")
     args = ap.parse_args()
     BENCH.mkdir(parents=True, exist_ok=True)
-    limit = 2500 if args.quick else None
-    budget = 60.0 if args.quick else args.budget
-    tag = "quick" if args.quick else "full"
-    f_test = shards(FASHION / "t10k-images-idx3-ubyte.gz", f"fashion-test-{tag}", limit)
-    m_test = shards(MNIST / "t10k-images-idx3-ubyte", f"mnist-test-{tag}", limit)
-    ckpt = args.checkpoint or train_model(shards(FASHION / "train-images-idx3-ubyte.gz", f"fashion-train-{tag}",
-                                                 10000 if args.quick else None),
-                                          BENCH / f"fashion-{tag}.safetensors", budget)
-    results = {"case1": {}, "case2": {}}
-    for s in SCORES:
-        f_df, f_cost = score(f_test, ckpt, "fashion", s, args.iwae_k)
-        m_df, m_cost = score(m_test, ckpt, "mnist", s, args.iwae_k)
-        results["case1"][s] = {**metrics(f_df["anomaly_score"].to_numpy(), m_df["anomaly_score"].to_numpy()),
-                               "scoring_seconds": f_cost + m_cost, "images": len(f_df) + len(m_df)}
-    base = results["case1"]["elbo"]["scoring_seconds"]
-    for s in SCORES:
-        results["case1"][s]["cost_vs_elbo"] = results["case1"][s]["scoring_seconds"] / base
-    if not args.skip_case2:
-        src = without_class(args.holdout)
-        ck2 = train_model(shards(src, f"fashion-train-no{args.holdout}-{tag}", 10000 if args.quick else None),
-                          BENCH / f"fashion-no{args.holdout}-{tag}.safetensors", budget)
-        for s in SCORES:
-            df, _ = score(f_test, ck2, f"heldout{args.holdout}", s, args.iwae_k)
-            held = df["label"] == args.holdout
-            results["case2"][s] = metrics(df.loc[~held, "anomaly_score"].to_numpy(),
-                                          df.loc[held, "anomaly_score"].to_numpy())
-    print("case 1: Fashion-MNIST (normal) vs MNIST (anomalous), scored through vaepipe embed")
-    print(f"{'score':12} {'AUROC':>7} {'AUPRC':>7} {'FPR@95':>7} {'cost/elbo':>9}")
-    for s, r in results["case1"].items():
-        print(f"{s:12} {r['auroc']:7.4f} {r['auprc']:7.4f} {r['fpr_at_95_tpr']:7.4f} {r['cost_vs_elbo']:9.2f}")
-    if results["case2"]:
-        print(f"case 2: Fashion-MNIST, class {args.holdout} ({FASHION_CLASSES[args.holdout]}) held out of training")
-        for s, r in results["case2"].items():
-            print(f"{s:12} {r['auroc']:7.4f} {r['auprc']:7.4f} {r['fpr_at_95_tpr']:7.4f}")
-    out = ROOT / "benchmarks" / "results" / f"anomaly{'-quick' if args.quick else ''}.json"
-    out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                               "checkpoint": ckpt, "iwae_k": args.iwae_k, "holdout": args.holdout,
-                               "results": results, "when": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
-    print(f"wrote {out}")
+    if args.train_only:
+        import torch
+
+        torch.set_num_threads(1)
+        print(json.dumps(train_all(args)))
+        return
+    if args.report_only:
+        path = ROOT / "benchmarks" / "results" / f"anomaly-battery{'-quick' if args.quick else ''}.json"
+        results = json.loads(path.read_text())
+    else:
+        results = run(args)
+        print(f"wrote {_save(results, args)}")
+    print(report(results))
+    print("\nflag rates on normal sets (typicality):")
+    for name, fr in results["flag_rates"].items():
+        print(f"  {name}: " + ", ".join(f"q={q:g}: {fr[f'{q:g}']['rate']:.4f} "
+                                        f"[{fr[f'{q:g}']['ci95'][0]:.4f}, {fr[f'{q:g}']['ci95'][1]:.4f}]"
+                                        f"{'' if fr[f'{q:g}']['within'] else ' OUT'}" for q in QUANTILES))
+    print("cost:", results["cost"])
+    print("percentiles of anomalous rows:", results["percentiles"])
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 What it stores in the checkpoint's metadata (the weights, hence the model_id, are unchanged):
   ``score_quantiles``  quantiles of every score, for ``anomaly_percentile`` / ``is_anomaly``
-  ``typicality``       the reference of the ``typicality`` score (see vae_model.typicality)
+  ``typicality``       the reference of the ``typicality`` score: densities, each statistic's tail
+                       model, the combination rule and its calibration (vae_model.typicality)
   ``embedding_stats``  count, mean and covariance of the images' posterior means (embed's drift check)
   ``calibration``      where the images came from, how many, and a content id of the above
 and seals the statistics with ``vaepipe.calibration_id`` (vae_model.checkpoint_header).
@@ -21,6 +22,7 @@ import torch
 
 from jobs.data import ShardImageDataset, list_specs, load_tensor
 from pipeline.options import trained_resize
+from vae_model.combine import DEFAULT_RULE
 from vae_model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from vae_model.device import pick_device
 from vae_model.errors import ConfigError, VaePipeError
@@ -32,11 +34,13 @@ MIN_IMAGES = 32
 
 def store_calibration(checkpoint_url: str, images: torch.Tensor, source: str, iwae_k: int = 16, seed: int = 0,
                       device: torch.device | str = "cpu", storage_options: StorageOptions = None,
-                      ckpt: Checkpoint | None = None, out_url: str | None = None) -> dict:
+                      ckpt: Checkpoint | None = None, out_url: str | None = None, rule: str = DEFAULT_RULE,
+                      uses: tuple[str, ...] | None = None) -> dict:
     """Fit score quantiles + typicality reference on ``images`` (uint8 (N, C, H, W)) and write
     the checkpoint with them, in one atomic step, to ``out_url`` (default: over
     ``checkpoint_url``; ``ckpt``: the checkpoint already loaded from there). Nothing is written
-    when fitting fails. Returns the ``calibration`` record."""
+    when fitting fails. ``rule``, ``uses``: how the typicality score combines which of
+    its statistics' p-values (vae_model.combine.RULES; vae_model.typicality.STATISTICS). Returns the ``calibration`` record."""
     if len(images) < MIN_IMAGES:
         raise ConfigError(f"calibration needs at least {MIN_IMAGES} held-out images, got {len(images)} from {source}")
     if isinstance(iwae_k, bool) or not isinstance(iwae_k, int) or iwae_k < 1:
@@ -44,7 +48,7 @@ def store_calibration(checkpoint_url: str, images: torch.Tensor, source: str, iw
     ckpt = ckpt or load_checkpoint(checkpoint_url, storage_options, map_location=device, verify_calibration=False)
     try:
         reference, tables, embeddings = fit_reference(ckpt.model, images, ScoreOptions(score="elbo", iwae_k=iwae_k, seed=seed),
-                                          device)
+                                                      device, rule=rule, uses=uses)
     except VaePipeError:
         raise
     except ValueError as exc:  # too few or degenerate images (vae_model.typicality)
@@ -60,7 +64,8 @@ def store_calibration(checkpoint_url: str, images: torch.Tensor, source: str, iw
 
 
 def calibrate(checkpoint_url: str, data_url: str, limit: int | None = 10000, iwae_k: int = 16, seed: int = 0,
-              storage_options: StorageOptions = None) -> dict:
+              storage_options: StorageOptions = None, rule: str = DEFAULT_RULE,
+              uses: tuple[str, ...] | None = None) -> dict:
     """Recalibrate ``checkpoint_url`` on (up to ``limit``) images of ``data_url``; they should be
     normal data the model was not trained on."""
     device = pick_device()
@@ -71,4 +76,4 @@ def calibrate(checkpoint_url: str, data_url: str, limit: int | None = 10000, iwa
     ds = ShardImageDataset(list_specs(data_url, storage_options), cfg.channels, cfg.image_size, split="all",
                            storage_options=storage_options, resize=trained_resize(ckpt.meta))
     images = load_tensor(ds, limit)
-    return store_calibration(checkpoint_url, images, data_url, iwae_k, seed, device, storage_options, ckpt)
+    return store_calibration(checkpoint_url, images, data_url, iwae_k, seed, device, storage_options, ckpt, rule=rule, uses=uses)

@@ -92,7 +92,7 @@ def test_latent_density_falls_with_distance_from_the_reference():
 def test_typicality_adds_both_views_and_round_trips():
     rng = np.random.default_rng(5)
     feats, lat = _band(600, rng), _subspace(600, 3, 8, rng)
-    ref = TypicalityReference.fit(feats, lat)
+    ref = TypicalityReference.fit(feats, lat, combined=False)
     tf, tl = _band(30, rng), _subspace(30, 3, 8, rng)
     np.testing.assert_allclose(ref.score(tf, tl), ref.kde.score(tf) + ref.latent.score(tl))
     again = TypicalityReference.from_dict(ref.to_dict())
@@ -116,3 +116,111 @@ def test_only_the_typicality_score_requires_a_reference():
     assert required_reference("typicality", ref) is ref
     with pytest.raises(ConfigError, match=r"^m\.safetensors has no typicality reference .* --score complexity$"):
         required_reference("typicality", {}, "m.safetensors")
+
+
+# -- the combined score (typicality_v3) ------------------------------------------------------
+
+def _combined(rng, rule="fisher", n=1500, new=200):
+    """A v3 reference fitted on n normal images, and ``new`` more normal images (features, latents)."""
+    feats, lat = _band(n + new, rng), _subspace(n + new, 3, 8, rng)  # one subspace for all
+    ref = TypicalityReference.fit(feats[:1000], lat[:1000], feats[1000:n], lat[1000:n], rule)
+    return ref, feats[n:], lat[n:]
+
+
+@pytest.mark.parametrize("rule", ["fisher", "tpm", "minp"])
+def test_combined_score_is_calibrated_on_new_reference_images(rule):
+    """-log10 p of new normal images: p ~ uniform (past tpm's atom), so a 1% threshold flags ~1%."""
+    rng = np.random.default_rng(7)
+    ref, feats, lat = _combined(rng, rule, new=4000)
+    s = ref.score(feats, lat)
+    p = 10.0 ** -s
+    for q in (0.01, 0.1) + ((0.5,) if rule != "tpm" else ()):
+        assert abs((p < q).mean() - q) < 4 * np.sqrt(q * (1 - q) / 500) + 0.003, (q, (p < q).mean())
+
+
+def test_combined_score_is_monotone_in_each_statistic_and_round_trips():
+    rng = np.random.default_rng(8)
+    ref, feats, lat = _combined(rng)
+    base = ref.score(feats, lat)
+    lp = ref.log_pvalues(feats, lat)
+    # Each statistic's p-value made smaller, the others held: the score does not fall.
+    for i in range(lp.shape[1]):
+        smaller = lp.copy()
+        smaller[:, i] -= 1.0
+        from vae_model.combine import combine
+        after = -ref.final.log_sf(combine(smaller, ref.rule)) / np.log(10)
+        assert (after >= base - 1e-9).all()
+    # A latent far from every reference point raises the score (knn's p falls), pixels unchanged.
+    assert (ref.score(feats, lat + 5.0) > base).all()
+    again = TypicalityReference.from_dict(ref.to_dict())
+    assert ref.to_dict()["kind"] == "typicality_v3"
+    np.testing.assert_allclose(again.score(feats, lat), base, rtol=1e-4, atol=1e-4)
+
+
+def test_combined_score_ranks_far_anomalies_without_ties():
+    """Images far past every reference image keep distinct, ordered scores (no 1/n floor)."""
+    rng = np.random.default_rng(9)
+    ref, feats, lat = _combined(rng, new=3)
+    s = [ref.score(feats, lat + d)[0] for d in (3.0, 10.0, 30.0)]
+    assert s[0] < s[1] < s[2] and np.isfinite(s).all() and s[0] > 2
+
+
+def test_a_v3_reference_with_a_bad_tail_is_refused():
+    from vae_model.typicality import ReferenceFormatError
+
+    d = _combined(np.random.default_rng(10))[0].to_dict()
+    d["tails"]["knn"]["side"] = "two"
+    with pytest.raises(ReferenceFormatError, match=r"tails.knn.side must be 'upper'"):
+        TypicalityReference.from_dict(d)
+    del d["tails"]["kde"]
+    with pytest.raises(ReferenceFormatError, match=r"tails.kde is missing"):
+        TypicalityReference.from_dict(d)
+
+
+def test_the_combined_statistics_are_stored_and_checked():
+    rng = np.random.default_rng(11)
+    feats, lat = _band(1200, rng), _subspace(1200, 3, 8, rng)
+    ref = TypicalityReference.fit(feats[:800], lat[:800], feats[800:1100], lat[800:1100], "minp", ("kde", "knn"))
+    d = ref.to_dict()
+    assert d["uses"] == ["kde", "knn"] and d["rule"] == "minp"
+    again = TypicalityReference.from_dict(d)
+    np.testing.assert_allclose(again.score(feats[1100:], lat[1100:]), ref.score(feats[1100:], lat[1100:]), atol=1e-4)
+    np.testing.assert_allclose(ref.combined(feats[1100:], lat[1100:]), -ref.log_pvalues(feats[1100:], lat[1100:])[:, 2:4].min(1))
+    from vae_model.typicality import ReferenceFormatError
+
+    with pytest.raises(ReferenceFormatError, match="uses must list some of"):
+        TypicalityReference.from_dict({**d, "uses": ["kde", "pixels"]})
+    with pytest.raises(ValueError, match="statistics"):
+        TypicalityReference.fit(feats[:800], lat[:800], feats[800:], lat[800:], uses=("bogus",))
+
+
+@pytest.mark.parametrize("rule", ["fisher", "minp"])
+def test_leave_one_out_calibration_is_calibrated_on_new_images(rule):
+    """Fitted without a separate calibration set, the combined score is calibrated on the
+    reference's own leave-one-out statistics: new normal images' p-values are ~uniform, and the
+    leave-one-out scores (the score quantiles' sample) are distributed like theirs."""
+    rng = np.random.default_rng(12)
+    feats, lat = _band(6000, rng), _subspace(6000, 3, 8, rng)
+    ref = TypicalityReference.fit(feats[:2000], lat[:2000], rule=rule)
+    p = 10.0 ** -ref.score(feats[2000:], lat[2000:])
+    loo = ref.loo_score(feats[:2000])
+    for q in (0.01, 0.05, 0.1, 0.5):
+        assert abs((p < q).mean() - q) < 4 * np.sqrt(q * (1 - q) / 2000) + 0.003, (q, (p < q).mean())
+    np.testing.assert_allclose(np.quantile(loo, [0.5, 0.9, 0.99]),
+                               np.quantile(ref.score(feats[2000:], lat[2000:]), [0.5, 0.9, 0.99]), rtol=0.15)
+
+
+def test_two_sided_statistics_flag_images_that_are_too_likely():
+    """-ELBO far *below* every reference image (a simpler image than normal ones): the one-sided
+    statistic calls it ordinary, its two-sided variant rare; far above, both rare."""
+    from vae_model.typicality import ALL_STATISTICS
+
+    rng = np.random.default_rng(13)
+    feats, lat = _band(1500, rng), _subspace(1500, 3, 8, rng)
+    ref = TypicalityReference.fit(feats, lat)
+    nll = feats[:, 0]
+    probe = np.stack([[nll.min() - 5 * nll.std(), feats[0, 1]], [nll.max() + 5 * nll.std(), feats[0, 1]]])
+    lp = ref.log_pvalues(probe, lat[:2])
+    one, two = ALL_STATISTICS.index("nll_bits"), ALL_STATISTICS.index("nll_bits_2s")
+    assert lp[0, one] > np.log(0.9) and lp[0, two] < np.log(1e-3)
+    assert lp[1, one] < np.log(1e-3) and lp[1, two] < np.log(2e-3)

@@ -7,10 +7,10 @@ Scores (higher = more anomalous):
   ``complexity``  -ELBO in bits minus the image's length in bits under a lossless coder (WebP
                   lossless): the input-complexity correction of Serra et al. 2020, which removes the
                   bias of likelihoods towards simple images (Nalisnick et al. 2019).
-  ``typicality``  -log density of (-ELBO bits, coder bits) under a KDE fitted on validation images,
-                  plus the -log nearest-neighbour density of the posterior mean among the validation
-                  images' posterior means; the reference is stored in the checkpoint (see
-                  :mod:`vae_model.typicality`).
+  ``typicality``  -log10 of a calibrated p-value combining (Fisher's method) the tail probabilities
+                  of -ELBO, complexity, a KDE density of (-ELBO bits, coder bits) and the posterior
+                  mean's nearest-neighbour density under validation images; the reference is
+                  stored in the checkpoint (see :mod:`vae_model.typicality`).
 The noise for each image is keyed by a 64-bit hash of its pixels, both computed on the batch's
 device by integer arithmetic (:mod:`vae_model.noise`), so a score depends on the image alone:
 not on batch size, worker, runner, device or where the shard is stored.

@@ -13,23 +13,36 @@ posterior mean among the validation images' posterior means, p(z) ~ 1 / r_1(z)^m
 the distance to the nearest reference latent and m the intrinsic dimension of the reference set
 (Levina & Bickel 2004 maximum-likelihood estimate; the latent has D coordinates but the images
 occupy a lower-dimensional part of it). Images of another domain land away from every validation
-image even when their likelihood statistics look ordinary. The score is the sum of the two
--log densities (their product density, treating the views as independent):
+image even when their likelihood statistics look ordinary.
 
-    typicality(x) = -log p_KDE(-ELBO bits, L(x)) + m * log r_1(mu(x))
+The score (``typicality_v3``, issue 14) does not add these views but tests them: each statistic
+it uses (:data:`DEFAULT_USES`: the complexity, the KDE -log density and the kNN -log density)
+gets its tail probability under the validation reference (:class:`vae_model.combine.TailCDF`:
+quantile knots plus exponential tails; the densities' reference values leave-one-out), the
+p-values are combined by Fisher's method (:data:`vae_model.combine.DEFAULT_RULE`), and the
+combined statistic is calibrated against the same reference images' leave-one-out statistics:
+
+    typicality(x) = -log10 P_ref(Fisher(x) >= Fisher_observed)   (3 = one normal image in 1,000)
+
+so that each statistic counts by how rare its value is among normal images, not by its units
+(the old sum let the kNN term's scale decide), and thresholds and percentiles are those of a
+calibrated p-value. Which statistics and which rule were frozen on the development half of the
+anomaly battery (benchmarks/anomaly.py; BENCHMARKS.md, "Anomaly battery"), among Fisher, the
+minimum p-value and a truncated product over one- and two-sided variants. References of earlier
+versions (``typicality_v2``: the sum -log p_KDE + m log r_1; KDE-only) keep their score.
 
 The reference is stored in the checkpoint's metadata (a few thousand points), so scoring needs
 no data at run time; ``vaepipe calibrate`` refits it on other held-out images.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from .combine import DEFAULT_RULE, RULES, TailCDF, combine
 from .errors import ConfigError
 
 FEATURES = ("neg_elbo_bits", "code_bits")
@@ -119,6 +132,19 @@ class KDEReference:
             out[i:i + chunk] = -(top + np.log(logk.sum(1)) - np.log(len(self.points)))
         return out
 
+    def loo_score(self, chunk: int = 512) -> np.ndarray:
+        """:meth:`score` of each reference point against the others (leave-one-out): what a new
+        image's score is distributed like, from the reference alone."""
+        out = np.empty(len(self.points))
+        scale = -0.5 / self.bandwidth ** 2
+        p_sq = (self.points ** 2).sum(1)
+        for i in range(0, len(self.points), chunk):
+            logk = _sq_dists(self.points[i:i + chunk], self.points, p_sq) * scale
+            np.fill_diagonal(logk[:, i:i + chunk], -np.inf)
+            top = logk.max(1)
+            out[i:i + chunk] = -(top + np.log(np.exp(logk - top[:, None]).sum(1)) - np.log(len(self.points) - 1))
+        return out
+
     def to_dict(self) -> dict:
         return {"kind": "gaussian_kde_whitened", "features": list(self.features), "mean": self.mean.tolist(),
                 "whiten": self.whiten.tolist(), "bandwidth": self.bandwidth,
@@ -194,6 +220,16 @@ class LatentKNN:
     def score(self, latents: np.ndarray) -> np.ndarray:
         return self.dim * np.log(self.nearest(latents))
 
+    def loo_score(self, chunk: int = 512) -> np.ndarray:
+        """:meth:`score` of each reference point against the others (leave-one-out)."""
+        ref_sq = (self.points ** 2).sum(1)
+        out = np.empty(len(self.points))
+        for i in range(0, len(self.points), chunk):
+            d2 = _sq_dists(self.points[i:i + chunk], self.points, ref_sq)
+            np.fill_diagonal(d2[:, i:i + chunk], np.inf)
+            out[i:i + chunk] = np.sqrt(d2.min(1))
+        return self.dim * np.log(np.maximum(out, self.floor))
+
     def to_dict(self) -> dict:
         return {"kind": "latent_knn", "dim": self.dim, "floor": self.floor,
                 "points": np.round(self.points, 5).tolist()}
@@ -204,23 +240,124 @@ class LatentKNN:
         return cls(_array(d, "points", where, 2), _positive(d, "dim", where), _positive(d, "floor", where))
 
 
+# The statistics the recommended score can combine: a name, the base statistic its tail model is fitted
+# on, and which departures count (vae_model.combine.TailCDF.log_p). The one-sided ones are monotone
+# functions of single scores (``--score elbo``, ``complexity``, the KDE and the latent kNN density); the
+# two-sided ``_2s`` variants of -ELBO and complexity also flag images that are too likely (simpler than
+# normal ones: the failure of plain likelihoods, Nalisnick et al. 2019) or too well explained for their
+# complexity. Which of them the score combines, by which rule, is a design choice frozen on the anomaly
+# battery's development half (benchmarks/anomaly.py, BENCHMARKS.md).
+STATISTICS = (("nll_bits", "nll_bits", "upper"), ("complexity", "complexity", "upper"), ("kde", "kde", "upper"),
+              ("knn", "knn", "upper"), ("nll_bits_2s", "nll_bits", "two"), ("complexity_2s", "complexity", "two"))
+ALL_STATISTICS = tuple(name for name, _, _ in STATISTICS)
+BASES = ("nll_bits", "complexity", "kde", "knn")  # the statistics with a stored tail model
+DEFAULT_USES = ("complexity", "kde", "knn")  # what the score combines (BENCHMARKS.md, "Anomaly battery")
+COMBINED_KIND = "typicality_v3"
+
+
 @dataclass
 class TypicalityReference:
-    """Both views; ``latent`` is None for references written before it existed (KDE only)."""
+    """The reference of the ``typicality`` score.
+
+    Written since ``typicality_v3`` (``tails`` set): the score combines the tail probabilities of
+    :data:`STATISTICS` under the validation reference by ``rule`` (:func:`vae_model.combine.combine`)
+    and reports the combined p-value, calibrated on validation images that fitted nothing else,
+    as ``-log10 p`` (3 = as rare as one normal image in a thousand). Older references (``tails``
+    None: ``typicality_v2`` and the KDE-only kind) keep their score, the sum of the two -log
+    densities, so that their rows do not change; ``vaepipe calibrate`` upgrades them.
+    """
 
     kde: KDEReference
     latent: LatentKNN | None = None
+    tails: dict[str, TailCDF] | None = None
+    rule: str = DEFAULT_RULE
+    final: TailCDF | None = None
+    uses: tuple[str, ...] = DEFAULT_USES  # the statistics the rule combines (a design choice: BENCHMARKS.md)
 
     @classmethod
-    def fit(cls, feats: np.ndarray, latents: np.ndarray) -> "TypicalityReference":
-        return cls(KDEReference.fit(feats), LatentKNN.fit(latents))
+    def fit(cls, feats: np.ndarray, latents: np.ndarray, calib_feats: np.ndarray | None = None,
+            calib_latents: np.ndarray | None = None, rule: str = DEFAULT_RULE,
+            uses: tuple[str, ...] | None = None, combined: bool = True) -> "TypicalityReference":
+        """Densities on (``feats``, ``latents``), and each statistic's tail model on the same
+        images, the densities' values leave-one-out (each image against the others: distributed
+        as a new image's against all of them). The combined statistic is calibrated on
+        (``calib_feats``, ``calib_latents``) when given, else on the same images' leave-one-out
+        statistics (exchangeable with a new normal image's, so its p-value is calibrated too).
+        ``combined=False``: the two-density sum of ``typicality_v2`` (kept for tests of that
+        older score)."""
+        ref = cls(KDEReference.fit(feats), LatentKNN.fit(latents))
+        if not combined:
+            return ref
+        if rule not in RULES:
+            raise ValueError(f"combination rule {rule!r}: choose one of {', '.join(RULES)}")
+        uses = tuple(uses or DEFAULT_USES)
+        if not uses or not set(uses) <= set(ALL_STATISTICS):
+            raise ValueError(f"statistics {list(uses)}: choose among {list(ALL_STATISTICS)}")
+        own = ref.loo_statistics(feats)
+        ref = cls(ref.kde, ref.latent, {name: TailCDF.fit(own[name], "upper") for name in BASES}, rule, uses=uses)
+        cal = own if calib_feats is None else ref.statistics(calib_feats, calib_latents)
+        ref.final = TailCDF.fit(ref.combine_statistics(cal), "upper")
+        return ref
+
+    def loo_statistics(self, feats: np.ndarray) -> dict[str, np.ndarray]:
+        """:meth:`statistics` of the reference images themselves, the densities leave-one-out."""
+        feats = np.asarray(feats, dtype=np.float64)
+        return {"nll_bits": feats[:, 0], "complexity": feats[:, 0] - feats[:, 1], "kde": self.kde.loo_score(),
+                "knn": self.latent.loo_score()}
+
+    def statistics(self, feats: np.ndarray, latents: np.ndarray) -> dict[str, np.ndarray]:
+        """Every base statistic (:data:`BASES`) for images with (-ELBO bits, coder bits)
+        ``feats`` (B, 2) and posterior means ``latents`` (B, D); higher = less like the reference
+        (``nll_bits`` and ``complexity`` in bits: their reference may also flag low values)."""
+        feats = np.asarray(feats, dtype=np.float64)
+        out = {"nll_bits": feats[:, 0], "complexity": feats[:, 0] - feats[:, 1], "kde": self.kde.score(feats)}
+        if self.latent is not None:
+            out["knn"] = self.latent.score(latents)
+        return out
+
+    def log_pvalues(self, feats: np.ndarray, latents: np.ndarray) -> np.ndarray:
+        """(B, K) natural-log tail probabilities of the statistics, in :data:`STATISTICS` order."""
+        return self.stat_log_pvalues(self.statistics(feats, latents))
+
+    def stat_log_pvalues(self, stats: dict[str, np.ndarray]) -> np.ndarray:
+        """:meth:`log_pvalues` of already computed base statistics."""
+        if self.tails is None:
+            raise ValueError("this typicality reference predates tail probabilities: run `vaepipe calibrate`")
+        return np.stack([self.tails[base].log_p(stats[base], side) for _, base, side in STATISTICS], 1)
+
+    def combine_statistics(self, stats: dict[str, np.ndarray], rule: str | None = None,
+                           uses: tuple[str, ...] | None = None) -> np.ndarray:
+        """The combined statistic of ``uses`` by ``rule`` (default: the stored ones) of base
+        statistics, before calibration."""
+        cols = [ALL_STATISTICS.index(name) for name in (uses or self.uses)]
+        return combine(self.stat_log_pvalues(stats)[:, cols], rule or self.rule)
+
+    def combined(self, feats: np.ndarray, latents: np.ndarray, rule: str | None = None,
+                 uses: tuple[str, ...] | None = None) -> np.ndarray:
+        """The combined statistic of ``uses`` by ``rule`` (default: the stored ones), before calibration."""
+        return self.combine_statistics(self.statistics(feats, latents), rule, uses)
+
+    def calibrated(self, combined: np.ndarray) -> np.ndarray:
+        """The score of combined statistics: -log10 of their calibrated p-value."""
+        return -self.final.log_sf(combined) / math.log(10.0)
+
+    def loo_score(self, feats: np.ndarray) -> np.ndarray:
+        """:meth:`score` of the reference images themselves, leave-one-out (what a new normal
+        image's score is distributed like: the score quantiles' sample)."""
+        return self.calibrated(self.combine_statistics(self.loo_statistics(feats)))
 
     def score(self, feats: np.ndarray, latents: np.ndarray) -> np.ndarray:
-        s = self.kde.score(feats)
-        return s if self.latent is None else s + self.latent.score(latents)
+        if self.tails is None or self.final is None:  # an older reference: its own score, unchanged
+            s = self.kde.score(feats)
+            return s if self.latent is None else s + self.latent.score(latents)
+        return self.calibrated(self.combined(feats, latents))
 
     def to_dict(self) -> dict:
-        return {"kind": "typicality_v2", "kde": self.kde.to_dict(), "latent": self.latent.to_dict()}
+        d = {"kind": "typicality_v2", "kde": self.kde.to_dict(), "latent": self.latent.to_dict()}
+        if self.tails is not None and self.final is not None:
+            d.update(kind=COMBINED_KIND, rule=self.rule, uses=list(self.uses), final=self.final.to_dict(),
+                     tails={name: t.to_dict() for name, t in self.tails.items()})
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, latent_dim: int | None = None) -> "TypicalityReference":
@@ -229,13 +366,25 @@ class TypicalityReference:
         computes and, given ``latent_dim``, that the latent view fits the model. Raises
         :class:`ReferenceFormatError` (a ConfigError, hence a ValueError) naming the field."""
         kind = _field(d, "kind", "")
-        if kind == "typicality_v2":
+        if kind in ("typicality_v2", COMBINED_KIND):
             ref = cls(KDEReference.from_dict(_field(d, "kde", "")), LatentKNN.from_dict(_field(d, "latent", "")))
         elif kind == "gaussian_kde_whitened":
             ref = cls(KDEReference.from_dict(d, where=""))  # a KDE-only reference of an earlier version
         else:
             raise ReferenceFormatError(f"typicality reference: kind {repr(kind)[:40]} is not one this vaepipe reads "
-                                       "(typicality_v2 or gaussian_kde_whitened); upgrade vaepipe or recalibrate")
+                                       f"({COMBINED_KIND}, typicality_v2 or gaussian_kde_whitened); upgrade vaepipe "
+                                       "or recalibrate")
+        if kind == COMBINED_KIND:
+            rule = _field(d, "rule", "")
+            if rule not in RULES:
+                raise ReferenceFormatError(f"typicality reference: rule {repr(rule)[:40]} is not one of {list(RULES)}")
+            tails = _field(d, "tails", "")
+            ref.tails = {name: _tail(_field(tails, name, "tails"), f"tails.{name}", "upper") for name in BASES}
+            ref.rule, ref.final = rule, _tail(_field(d, "final", ""), "final", "upper")
+            uses = _field(d, "uses", "")
+            if not (isinstance(uses, list) and uses and all(isinstance(u, str) and u in ALL_STATISTICS for u in uses)):
+                raise ReferenceFormatError(f"typicality reference: uses must list some of {list(ALL_STATISTICS)}")
+            ref.uses = tuple(uses)
         if ref.kde.features != FEATURES:
             raise ReferenceFormatError(f"typicality reference: kde.features {list(ref.kde.features)} are not the "
                                        f"features scoring computes {list(FEATURES)}")
@@ -244,6 +393,16 @@ class TypicalityReference:
                                        f"the model's latent is {latent_dim}-d")
         return ref
 
+
+def _tail(d: Any, where: str, side: str) -> TailCDF:
+    """A :meth:`TailCDF.to_dict`, checked: non-decreasing finite knots, positive scales, the side
+    :data:`STATISTICS` gives the statistic."""
+    knots = _array(d, "knots", where, 1)
+    if len(knots) < 2 or (np.diff(knots) < 0).any():
+        raise ReferenceFormatError(f"typicality reference: {where}.knots must be at least 2 non-decreasing numbers")
+    if _field(d, "side", where) != side:
+        raise ReferenceFormatError(f"typicality reference: {where}.side must be {side!r}")
+    return TailCDF(knots, _positive(d, "lo_scale", where), _positive(d, "hi_scale", where), side)
 
 
 def required_reference(score: str, reference: Any, source: str = "the checkpoint") -> Any:
