@@ -16,8 +16,8 @@ occupy a lower-dimensional part of it). Images of another domain land away from 
 image even when their likelihood statistics look ordinary.
 
 The score (``typicality_v3``, issue 14) does not add these views but tests them: each statistic
-it uses (:data:`DEFAULT_USES`: the complexity, the KDE -log density and the kNN -log density)
-gets its tail probability under the validation reference (:class:`vae_model.combine.TailCDF`:
+it uses (:data:`DEFAULT_USES`: -ELBO in bits, the complexity, the KDE -log density and the
+kNN -log density) gets its tail probability under the validation reference (:class:`vae_model.combine.TailCDF`:
 quantile knots plus exponential tails; the densities' reference values leave-one-out), the
 p-values are combined by Fisher's method (:data:`vae_model.combine.DEFAULT_RULE`), and the
 combined statistic is calibrated against the same reference images' leave-one-out statistics:
@@ -251,7 +251,7 @@ STATISTICS = (("nll_bits", "nll_bits", "upper"), ("complexity", "complexity", "u
               ("knn", "knn", "upper"), ("nll_bits_2s", "nll_bits", "two"), ("complexity_2s", "complexity", "two"))
 ALL_STATISTICS = tuple(name for name, _, _ in STATISTICS)
 BASES = ("nll_bits", "complexity", "kde", "knn")  # the statistics with a stored tail model
-DEFAULT_USES = ("complexity", "kde", "knn")  # what the score combines (BENCHMARKS.md, "Anomaly battery")
+DEFAULT_USES = ("nll_bits", "complexity", "kde", "knn")  # what the score combines (BENCHMARKS.md, "Anomaly battery")
 COMBINED_KIND = "typicality_v3"
 
 
