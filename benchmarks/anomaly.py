@@ -1,7 +1,10 @@
 """Anomaly battery (issue 14): every case scored through ``vaepipe embed`` (pipeline.run.run_embed).
 
-    OMP_NUM_THREADS=1 python benchmarks/anomaly.py --budget 180          # the battery (~25 CPU-minutes)
+    OMP_NUM_THREADS=1 python benchmarks/anomaly.py --budget 240 --wait-for-training   # the battery
+    OMP_NUM_THREADS=1 python benchmarks/anomaly.py --train-only --budget 240   # beside it: the 12 models
+    # (about 75 minutes on 2 cores, one process per core, 2026-12-02 18:51-20:06)
     OMP_NUM_THREADS=1 python benchmarks/anomaly.py --quick               # smoke run (tiny models, few images)
+    python benchmarks/anomaly.py --report-only                           # the tables of the saved results
 
 Models (conv VAE, latent 32, widths 32/64, hidden 512) trained by the training job (``vaepipe
 train``'s code) for ``--budget`` seconds each, single-threaded, on the first ``--train-images`` of
@@ -9,10 +12,12 @@ their training set, then recalibrated (``vaepipe calibrate``'s code) on the next
 ``--calibration-images``, which they never saw: Fashion-MNIST, MNIST, and Fashion-MNIST without
 class c for c in HOLDOUT.
 
-The combination rule (vae_model.combine.RULES) is chosen by :func:`choose_rule` on the Fashion
-model's development cases (the first to run): the best worst-case AUROC gap to the best single
-statistic, then the best mean gap. The Fashion model is then recalibrated with it when it is not
-the default, and every later model is calibrated with it.
+Three phases. 1: every model calibrated with the library's default combination and every case
+scored through embed. 2: the combination (rule and statistics, :data:`CANDIDATES`) chosen by
+:func:`choose_rule` on all development cases: the best worst-case AUROC gap to the best single
+statistic, then the best mean gap. 3: when that is not the default, every model recalibrated with
+it and every case scored again, so that the ``typicality`` column, flag rates and percentiles are
+the chosen score's (phase 1's cases are kept under ``phase1_default``).
 
 Cases (normal vs anomalous), each with a fixed half, decided before any result was seen:
   shift      Fashion-MNIST test vs MNIST test under the Fashion model (dev), and MNIST test vs
@@ -331,7 +336,7 @@ def calibrated(ckpt: str, images: np.ndarray, name: str, choice: str) -> str:
 
 def choose_rule(results: dict) -> dict:
     """The combination (rule and statistics: :data:`CANDIDATES`), frozen on the development cases
-    seen so far (the Fashion model's): the best worst-case AUROC gap to the best single statistic,
+    of ``results``: the best worst-case AUROC gap to the best single statistic (to 4 decimals),
     then the best mean gap."""
     dev = [c["scores"] for c in results["cases"].values() if c["half"] == "dev"]
     gaps = {r: [sc[r]["auroc"] - max(sc[s]["auroc"] for s in SINGLE) for sc in dev] for r in CANDIDATES}
