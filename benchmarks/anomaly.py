@@ -61,6 +61,7 @@ import common  # noqa: E402
 from ood_metrics import auprc, auroc, fpr_at_tpr  # noqa: E402
 
 BENCH = ROOT / ".bench" / "anomaly"
+STATS = BENCH / "stats"  # per-case, per-image statistics of the last run (_case)
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 MNIST = Path("/tmp/mnist/package/data")
 HOLDOUT = tuple(range(10))
@@ -72,7 +73,11 @@ SUBSETS = (("nll_bits", "complexity", "kde", "knn"), ("nll_bits_2s", "complexity
            ("complexity_2s", "kde", "knn"), ("complexity", "kde", "knn"), ("kde", "knn"),
            ("nll_bits", "complexity", "knn"), ("nll_bits_2s", "complexity_2s", "knn"), ("complexity", "knn"),
            ("complexity_2s", "knn"))
-CANDIDATES = tuple(f"{rule}:{'+'.join(uses)}" for rule in ("fisher", "tpm", "minp") for uses in SUBSETS)
+# The copula reads -ELBO and the complexity both ways by itself: its subsets name the bases only.
+COPULA_SUBSETS = (("nll_bits", "complexity", "kde", "knn"), ("complexity", "kde", "knn"), ("nll_bits", "kde", "knn"),
+                  ("kde", "knn"), ("nll_bits", "complexity", "knn"), ("complexity", "knn"))
+CANDIDATES = (tuple(f"{rule}:{'+'.join(uses)}" for rule in ("fisher", "tpm", "minp") for uses in SUBSETS)
+              + tuple(f"copula:{'+'.join(uses)}" for uses in COPULA_SUBSETS))
 SCORES = SINGLE + ("typicality_v2",) + CANDIDATES + ("typicality",)
 SHOWN = SINGLE + ("typicality_v2", "typicality")  # in the printed tables (every score is in the JSON)
 QUANTILES = (0.9, 0.95, 0.99, 0.999)
@@ -307,6 +312,11 @@ def percentile_resolution(df: pd.DataFrame) -> dict:
 def _case(results: dict, name: str, normal: dict, anom: dict, extra: dict | None = None) -> None:
     results["cases"][name] = {"half": half(name), "n_normal": len(normal["elbo"]), "n_anomalous": len(anom["elbo"]),
                               **(extra or {}), "scores": {s: metrics(normal[s], anom[s]) for s in SCORES}}
+    # Per-image single statistics, so that a new combination can be scored on the battery offline
+    # (with the case's checkpoint: vae_model.typicality.TypicalityReference.combine_statistics).
+    STATS.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(STATS / f"{name}.npz", **{f"normal_{k}": normal[k] for k in SINGLE + ("typicality",)},
+                        **{f"anomalous_{k}": anom[k] for k in SINGLE + ("typicality",)})
 
 
 def _select(st: dict, mask: np.ndarray) -> dict:
@@ -552,8 +562,14 @@ def train_all(args: argparse.Namespace) -> dict:
     return out
 
 
+def _results_path(args: argparse.Namespace) -> Path:
+    if args.results:
+        return Path(args.results)
+    return ROOT / "benchmarks" / "results" / f"anomaly-battery{'-quick' if args.quick else ''}.json"
+
+
 def _save(results: dict, args: argparse.Namespace) -> Path:
-    out = ROOT / "benchmarks" / "results" / f"anomaly-battery{'-quick' if args.quick else ''}.json"
+    out = _results_path(args)
     out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                                "budget_s": args.budget, "per_case": args.per_case, "holdout": HOLDOUT,
                                "dev_kinds": DEV_KINDS, "when": time.strftime("%Y-%m-%d %H:%M:%S"), **results},
@@ -592,7 +608,8 @@ def report(results: dict) -> str:
     lines += ["\nGap to the best single statistic per case (AUROC difference; FPR95 ratio), per half:\n",
               "| score | dev worst | dev mean | dev within 0.002 | dev FPR95 <= 1.5x | held worst | held mean | "
               "held within 0.002 | held FPR95 <= 1.5x |", "|---" * 9 + "|"]
-    scores = ("typicality", "typicality_v2") + CANDIDATES
+    scored = next(iter(results["cases"].values()))["scores"] if results["cases"] else {}
+    scores = ("typicality", "typicality_v2") + tuple(c for c in CANDIDATES if c in scored)  # an older run: its own
     for s in scores:
         cells = []
         for cases in halves.values():
@@ -634,8 +651,13 @@ def main() -> None:
                     help="wait for the checkpoints a --train-only run is training instead of training them")
     ap.add_argument("--photos", action="store_true", help="add the real-image cases (held out; elpv and photos)")
     ap.add_argument("--no-phase3", action="store_true", help="stop after choosing the combination")
+    ap.add_argument("--results", default=None, help="the results JSON to write or (--report-only) read "
+                    "(default benchmarks/results/anomaly-battery[-quick].json)")
     args = ap.parse_args()
     BENCH.mkdir(parents=True, exist_ok=True)
+    if args.quick:
+        global STATS
+        STATS = BENCH / "stats-quick"
     if args.train_only:
         import torch
 
@@ -643,8 +665,7 @@ def main() -> None:
         print(json.dumps(train_all(args)))
         return
     if args.report_only:
-        path = ROOT / "benchmarks" / "results" / f"anomaly-battery{'-quick' if args.quick else ''}.json"
-        results = json.loads(path.read_text())
+        results = json.loads(_results_path(args).read_text())
     else:
         results = run(args)
         print(f"wrote {_save(results, args)}")

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from vae_model.combine import RULES, TAIL_MASS, TPM_TAU, TailCDF, combine
+from vae_model.combine import P_RULES, TAIL_MASS, TPM_TAU, Copula, TailCDF, combine, logistic_score
 
 
 def test_tail_probability_matches_the_reference_distribution():
@@ -38,7 +38,7 @@ def _reference_logp(rng, n, k=3, corr=0.6):
     return tails, np.stack([t.log_p(new[:, i]) for i, t in enumerate(tails)], 1), cov
 
 
-@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("rule", P_RULES)
 def test_combined_statistic_is_monotone_in_each_p_value(rule):
     rng = np.random.default_rng(2)
     lp = np.log(rng.uniform(size=(500, 4)))
@@ -56,7 +56,7 @@ def test_combined_statistic_is_monotone_in_each_p_value(rule):
         np.testing.assert_array_equal(combine(high, rule)[above], base[above])
 
 
-@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("rule", P_RULES)
 def test_calibrated_combination_is_uniform_on_reference_data(rule):
     """Combined p-values of new reference-distributed images are ~uniform once the combined
     statistic is calibrated on other reference images (the statistics are correlated, so the
@@ -72,7 +72,7 @@ def test_calibrated_combination_is_uniform_on_reference_data(rule):
         assert abs((p < q).mean() - q) < 4 * np.sqrt(q * (1 - q) / 4000) + 0.002, (q, (p < q).mean())
 
 
-@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("rule", P_RULES)
 def test_one_statistic_alone_separating_still_separates_combined(rule):
     rng = np.random.default_rng(4)
     tails, lp_normal, cov = _reference_logp(rng, 3000)
@@ -86,3 +86,62 @@ def test_one_statistic_alone_separating_still_separates_combined(rule):
     # And far-out anomalies keep their order instead of tying at 1 / n.
     far = tails[1].log_p(np.array([10.0, 20.0, 40.0]))
     assert far[0] > far[1] > far[2] and np.isfinite(far).all()
+
+
+def test_the_copula_rule_needs_its_fit():
+    with pytest.raises(ValueError, match="copula rule combines statistics"):
+        combine(np.zeros((2, 3)), "copula")
+
+
+def _copula_data(rng, n, corr=0.7):
+    cov = np.array([[1.0, corr, 0.0], [corr, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    ref = rng.multivariate_normal(np.zeros(3), cov, n)
+    tails = [TailCDF.fit(ref[:, i]) for i in range(3)]
+    t = lambda x: np.stack([logistic_score(tl, x[:, i]) for i, tl in enumerate(tails)], 1)  # noqa: E731
+    return cov, tails, t, Copula.fit(t(ref))
+
+
+def test_logistic_score_is_centred_increasing_and_finite_far_out():
+    rng = np.random.default_rng(5)
+    tail = TailCDF.fit(rng.normal(size=5000))
+    x = np.linspace(-60, 60, 2001)
+    t = logistic_score(tail, x)
+    assert (np.diff(t) > 0).all() and np.isfinite(t).all()
+    assert abs(logistic_score(tail, np.array([np.median(tail.knots)]))[0]) < 0.05
+    # both tails grow like -log p: the far side of either is as extreme as the p-value says
+    np.testing.assert_allclose(t[-1], -tail.log_sf(x[-1:])[0], rtol=1e-6)
+    np.testing.assert_allclose(-t[0], -tail.log_cdf(x[:1])[0], rtol=1e-6)
+
+
+def test_copula_flags_departures_either_way_and_off_the_correlation_band():
+    """Statistics each ordinary but jointly not (off their correlation), or one too *typical*:
+    the copula flags both; Fisher's one-sided sum sees neither."""
+    rng = np.random.default_rng(6)
+    cov, tails, t, cop = _copula_data(rng, 5000)
+    normal = rng.multivariate_normal(np.zeros(3), cov, 3000)
+    off_band = normal.copy()
+    off_band[:, 0], off_band[:, 1] = 1.5, -1.5  # each within 2 sd; their correlation says they move together
+    too_low = normal.copy()
+    too_low[:, 2] = -4.0  # far below: an upper-tail p-value near 1
+    fisher = lambda x: combine(np.stack([tl.log_p(x[:, i]) for i, tl in enumerate(tails)], 1), "fisher")  # noqa: E731
+
+    def auroc(score, anom):
+        a, b = score(normal), score(anom)
+        return (b[:, None] > a[None]).mean()
+
+    copula = lambda x: cop.statistic(t(x))  # noqa: E731
+    assert auroc(copula, off_band) > 0.99 and auroc(copula, too_low) > 0.99
+    assert auroc(fisher, off_band) < 0.8 and auroc(fisher, too_low) < 0.5
+
+
+def test_copula_on_reference_data_is_chi_square_like_and_subsets_are_their_own_fit():
+    rng = np.random.default_rng(7)
+    cov, tails, t, cop = _copula_data(rng, 8000)
+    new = t(rng.multivariate_normal(np.zeros(3), cov, 8000))
+    # the mean Mahalanobis distance^2 of reference-like data is the dimension (any marginals)
+    assert abs(cop.statistic(new).mean() - 3.0) < 0.15
+    ref2 = Copula.fit(np.asarray(new[:, [0, 2]]))  # fitted on the two columns alone
+    np.testing.assert_allclose(cop.statistic(new[:200, [0, 2]], [0, 2]), ref2.statistic(new[:200, [0, 2]]),
+                               rtol=0.1, atol=0.1)
+    with pytest.raises(ValueError, match="finite"):
+        Copula.fit(np.full((20, 2), np.nan))

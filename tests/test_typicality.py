@@ -127,7 +127,7 @@ def _combined(rng, rule="fisher", n=1500, new=200):
     return ref, feats[n:], lat[n:]
 
 
-@pytest.mark.parametrize("rule", ["fisher", "tpm", "minp"])
+@pytest.mark.parametrize("rule", ["fisher", "tpm", "minp", "copula"])
 def test_combined_score_is_calibrated_on_new_reference_images(rule):
     """-log10 p of new normal images: p ~ uniform (past tpm's atom), so a 1% threshold flags ~1%."""
     rng = np.random.default_rng(7)
@@ -194,7 +194,7 @@ def test_the_combined_statistics_are_stored_and_checked():
         TypicalityReference.fit(feats[:800], lat[:800], feats[800:], lat[800:], uses=("bogus",))
 
 
-@pytest.mark.parametrize("rule", ["fisher", "minp"])
+@pytest.mark.parametrize("rule", ["fisher", "minp", "copula"])
 def test_leave_one_out_calibration_is_calibrated_on_new_images(rule):
     """Fitted without a separate calibration set, the combined score is calibrated on the
     reference's own leave-one-out statistics: new normal images' p-values are ~uniform, and the
@@ -224,3 +224,34 @@ def test_two_sided_statistics_flag_images_that_are_too_likely():
     one, two = ALL_STATISTICS.index("nll_bits"), ALL_STATISTICS.index("nll_bits_2s")
     assert lp[0, one] > np.log(0.9) and lp[0, two] < np.log(1e-3)
     assert lp[1, one] < np.log(1e-3) and lp[1, two] < np.log(2e-3)
+
+
+def test_the_copula_rule_flags_too_likely_images_and_round_trips():
+    """The copula reads each statistic both ways: -ELBO far *below* every reference image (with its
+    coder length unchanged) is rare for it, ordinary for the one-sided Fisher sum."""
+    from vae_model.typicality import ReferenceFormatError
+
+    rng = np.random.default_rng(14)
+    feats, lat = _band(1501, rng), _subspace(1501, 3, 8, rng)
+    new_feats, new_lat, feats, lat = feats[1500:], lat[1500:], feats[:1500], lat[:1500]
+    uses = ("nll_bits", "complexity", "knn")  # the one-sided statistics (the KDE flags any far point)
+    cop = TypicalityReference.fit(feats, lat, rule="copula", uses=uses)
+    fisher = TypicalityReference.fit(feats, lat, rule="fisher", uses=uses)
+    nll = feats[:, 0]
+    probe = np.stack([[nll.min() - 5 * nll.std(), new_feats[0, 1]]])
+    assert cop.score(probe, new_lat)[0] > 3 and fisher.score(probe, new_lat)[0] < 1
+    assert cop.score(new_feats, new_lat)[0] < 3
+    d = cop.to_dict()
+    assert d["rule"] == "copula" and len(d["copula"]["corr"]) == 4
+    again = TypicalityReference.from_dict(d)
+    np.testing.assert_allclose(again.score(feats[:50], lat[:50]), cop.score(feats[:50], lat[:50]), rtol=1e-4, atol=1e-4)
+    # the reference's own images (a latent distance of 0: "too typical") are not flagged
+    assert (cop.score(feats[:300], lat[:300]) > 3).mean() < 0.01
+    # the same reference combines any subset by any rule (the battery's candidates)
+    sub = cop.combine_statistics(cop.statistics(feats[:50], lat[:50]), "copula", ("nll_bits_2s", "kde"))
+    assert sub.shape == (50,) and np.isfinite(sub).all()
+    bad = {**d, "copula": {**d["copula"], "corr": [[1.0, 2.0], [2.0, 1.0]]}}
+    with pytest.raises(ReferenceFormatError, match="copula must describe the 4 statistics"):
+        TypicalityReference.from_dict(bad)
+    with pytest.raises(ReferenceFormatError, match="needs its copula"):
+        TypicalityReference.from_dict({k: v for k, v in d.items() if k != "copula"})

@@ -20,10 +20,20 @@ the smaller tail, capped at 1.
               moves the *other* way (MNIST digits are more likely than clothes: their -ELBO p-value
               is ~1) costs it nothing, where Fisher's sum would pull it below the normal images.
   ``minp``    -log min_i p_i (the minimum p-value; Tippett / Sidak): strongest when one moves alone.
-All are monotone in every p_i (Fisher strictly). Their nominal null distributions (chi-square with 2K degrees of
+The three are monotone in every p_i (Fisher strictly). Their nominal null distributions (chi-square with 2K degrees of
 freedom; Sidak's 1 - (1 - p)^K) assume independent statistics, which these are not (the ELBO and
 the complexity share a term), so the combined statistic is calibrated empirically instead: a
 second :class:`TailCDF` fitted on images that fitted nothing else gives its p-value.
+
+A fourth rule, ``copula``, is not a function of one-sided p-values but of where each statistic
+falls in its reference distribution, both ways and jointly (:class:`Copula`, in the spirit of
+DoSE, Morningstar et al. 2021): each statistic becomes its logistic score t = log F(s) - log(1 -
+F(s)) under its :class:`TailCDF` (0 at the reference median, |t| ~ -log p in either tail), and the
+combined statistic is the Mahalanobis distance of the standardised scores under their correlation
+over the reference images. It flags an image whose statistics are each ordinary but whose
+combination is not (the -ELBO and the coder length move together on normal images), and one that
+a statistic finds too *typical* (a digit too likely for a clothing model); it is not monotone in
+each statistic, by design.
 """
 from __future__ import annotations
 
@@ -35,7 +45,9 @@ import numpy as np
 TAIL_MASS = 0.05  # beyond these quantiles, the exponential tails
 N_KNOTS = 129  # stored quantiles of each statistic, evenly spaced in [TAIL_MASS, 1 - TAIL_MASS]
 SIDES = ("upper", "two")
-RULES = ("fisher", "tpm", "minp")
+P_RULES = ("fisher", "tpm", "minp")  # the rules of p-values (:func:`combine`)
+RULES = P_RULES + ("copula",)
+COPULA_RIDGE = 1e-3  # added to the correlation's diagonal: a near-duplicate statistic stays invertible
 DEFAULT_RULE = "fisher"  # the typicality score's (issue 14: chosen on the battery's development half)
 TPM_TAU = 0.1  # the truncated product's threshold
 MIN_REFERENCE = 8  # calibration refuses fewer images before this (jobs.calibrate.MIN_IMAGES); more is better
@@ -129,4 +141,44 @@ def combine(log_ps: np.ndarray, rule: str = "fisher") -> np.ndarray:
         return np.maximum(math.log(TPM_TAU) - lp, 0.0).sum(1)
     if rule == "minp":
         return -lp.min(1)
+    if rule == "copula":
+        raise ValueError("the copula rule combines statistics, not p-values: use Copula.statistic")
     raise ValueError(f"combination rule {rule!r}: choose one of {', '.join(RULES)}")
+
+
+def logistic_score(tail: TailCDF, x: np.ndarray) -> np.ndarray:
+    """log F(x) - log(1 - F(x)) under ``tail``'s reference: 0 at its median, increasing, finite."""
+    return tail.log_cdf(x) - tail.log_sf(x)
+
+
+@dataclass
+class Copula:
+    """The joint reference of K statistics' logistic scores (the ``copula`` rule: module
+    docstring): their means and standard deviations over the reference images and the correlation
+    of the standardised scores. :meth:`statistic` works on any subset of the K columns."""
+
+    mean: np.ndarray  # (K,)
+    std: np.ndarray  # (K,) > 0
+    corr: np.ndarray  # (K, K)
+
+    @classmethod
+    def fit(cls, t: np.ndarray) -> "Copula":
+        t = np.asarray(t, dtype=np.float64)
+        if t.ndim != 2 or len(t) < MIN_REFERENCE or not np.isfinite(t).all():
+            raise ValueError(f"a copula needs at least {MIN_REFERENCE} rows of finite scores, got {t.shape}")
+        mean, std = t.mean(0), np.maximum(t.std(0), 1e-9)
+        z = (t - mean) / std
+        corr = (z.T @ z) / len(z)
+        return cls(mean, std, corr)
+
+    def statistic(self, t: np.ndarray, cols: list[int] | None = None) -> np.ndarray:
+        """Mahalanobis distance^2 of logistic scores ``t`` (B, len(cols)) for columns ``cols``
+        (default all) of the fitted ones; higher = less like the reference."""
+        cols = list(range(len(self.mean))) if cols is None else list(cols)
+        z = (np.asarray(t, dtype=np.float64) - self.mean[cols]) / self.std[cols]
+        c = self.corr[np.ix_(cols, cols)]
+        prec = np.linalg.inv(c + COPULA_RIDGE * np.eye(len(cols)))
+        return np.einsum("bi,ij,bj->b", z, prec, z)
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean.tolist(), "std": self.std.tolist(), "corr": self.corr.tolist()}

@@ -28,7 +28,9 @@ so that each statistic counts by how rare its value is among normal images, not 
 (the old sum let the kNN term's scale decide), and thresholds and percentiles are those of a
 calibrated p-value. Which statistics and which rule were frozen on the development half of the
 anomaly battery (benchmarks/anomaly.py; BENCHMARKS.md, "Anomaly battery"), among Fisher, the
-minimum p-value and a truncated product over one- and two-sided variants. References of earlier
+minimum p-value and a truncated product over one- and two-sided variants, and the ``copula`` rule
+(vae_model.combine.Copula: the Mahalanobis distance of the statistics' logistic scores under
+their correlation over the reference, -ELBO and complexity read both ways, the densities one way). References of earlier
 versions (``typicality_v2``: the sum -log p_KDE + m log r_1; KDE-only) keep their score.
 
 The reference is stored in the checkpoint's metadata (a few thousand points), so scoring needs
@@ -42,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from .combine import DEFAULT_RULE, RULES, TailCDF, combine
+from .combine import DEFAULT_RULE, RULES, Copula, TailCDF, combine, logistic_score
 from .errors import ConfigError
 
 FEATURES = ("neg_elbo_bits", "code_bits")
@@ -273,6 +275,7 @@ class TypicalityReference:
     rule: str = DEFAULT_RULE
     final: TailCDF | None = None
     uses: tuple[str, ...] = DEFAULT_USES  # the statistics the rule combines (a design choice: BENCHMARKS.md)
+    copula: Copula | None = None  # the joint reference of the BASES' logistic scores (the ``copula`` rule)
 
     @classmethod
     def fit(cls, feats: np.ndarray, latents: np.ndarray, calib_feats: np.ndarray | None = None,
@@ -294,7 +297,9 @@ class TypicalityReference:
         if not uses or not set(uses) <= set(ALL_STATISTICS):
             raise ValueError(f"statistics {list(uses)}: choose among {list(ALL_STATISTICS)}")
         own = ref.loo_statistics(feats)
-        ref = cls(ref.kde, ref.latent, {name: TailCDF.fit(own[name], "upper") for name in BASES}, rule, uses=uses)
+        tails = {name: TailCDF.fit(own[name], "upper") for name in BASES}
+        copula = Copula.fit(_copula_scores(tails, own, BASES))
+        ref = cls(ref.kde, ref.latent, tails, rule, uses=uses, copula=copula)
         cal = own if calib_feats is None else ref.statistics(calib_feats, calib_latents)
         ref.final = TailCDF.fit(ref.combine_statistics(cal), "upper")
         return ref
@@ -328,9 +333,16 @@ class TypicalityReference:
     def combine_statistics(self, stats: dict[str, np.ndarray], rule: str | None = None,
                            uses: tuple[str, ...] | None = None) -> np.ndarray:
         """The combined statistic of ``uses`` by ``rule`` (default: the stored ones) of base
-        statistics, before calibration."""
-        cols = [ALL_STATISTICS.index(name) for name in (uses or self.uses)]
-        return combine(self.stat_log_pvalues(stats)[:, cols], rule or self.rule)
+        statistics, before calibration. ``copula`` takes each statistic's base both ways (a
+        ``_2s`` name is its base)."""
+        rule, uses = rule or self.rule, uses or self.uses
+        if rule == "copula":
+            if self.copula is None:
+                raise ValueError("this typicality reference has no copula: run `vaepipe calibrate`")
+            bases = list(dict.fromkeys(dict((n, b) for n, b, _ in STATISTICS)[name] for name in uses))
+            return self.copula.statistic(_copula_scores(self.tails, stats, bases), [BASES.index(b) for b in bases])
+        cols = [ALL_STATISTICS.index(name) for name in uses]
+        return combine(self.stat_log_pvalues(stats)[:, cols], rule)
 
     def combined(self, feats: np.ndarray, latents: np.ndarray, rule: str | None = None,
                  uses: tuple[str, ...] | None = None) -> np.ndarray:
@@ -357,6 +369,8 @@ class TypicalityReference:
         if self.tails is not None and self.final is not None:
             d.update(kind=COMBINED_KIND, rule=self.rule, uses=list(self.uses), final=self.final.to_dict(),
                      tails={name: t.to_dict() for name, t in self.tails.items()})
+            if self.copula is not None:
+                d["copula"] = self.copula.to_dict()
         return d
 
     @classmethod
@@ -385,6 +399,10 @@ class TypicalityReference:
             if not (isinstance(uses, list) and uses and all(isinstance(u, str) and u in ALL_STATISTICS for u in uses)):
                 raise ReferenceFormatError(f"typicality reference: uses must list some of {list(ALL_STATISTICS)}")
             ref.uses = tuple(uses)
+            if "copula" in d:
+                ref.copula = _copula(d["copula"])
+            elif rule == "copula":
+                raise ReferenceFormatError("typicality reference: rule 'copula' needs its copula field")
         if ref.kde.features != FEATURES:
             raise ReferenceFormatError(f"typicality reference: kde.features {list(ref.kde.features)} are not the "
                                        f"features scoring computes {list(FEATURES)}")
@@ -392,6 +410,32 @@ class TypicalityReference:
             raise ReferenceFormatError(f"typicality reference: latent.points are {ref.latent.points.shape[1]}-d, "
                                        f"the model's latent is {latent_dim}-d")
         return ref
+
+
+ONE_WAY = ("kde", "knn")  # densities: closer to the reference than usual is not an anomaly
+
+
+def _copula_scores(tails: dict[str, TailCDF], stats: dict[str, np.ndarray], bases) -> np.ndarray:
+    """(B, len(bases)) logistic scores of base statistics for the ``copula`` rule. -ELBO and the
+    complexity count both ways (too likely, too simple); the densities only above their reference
+    median, so that a near-duplicate of a calibration image (a latent distance of ~0) is ordinary."""
+    cols = []
+    for b in bases:
+        t = logistic_score(tails[b], stats[b])
+        cols.append(np.maximum(t, 0.0) if b in ONE_WAY else t)
+    return np.stack(cols, 1)
+
+
+def _copula(d: Any, where: str = "copula") -> Copula:
+    """A :meth:`Copula.to_dict` over :data:`BASES`, checked: shapes, finiteness, positive spreads,
+    a symmetric correlation with unit diagonal."""
+    k = len(BASES)
+    mean, std, corr = _array(d, "mean", where, 1), _array(d, "std", where, 1), _array(d, "corr", where, 2)
+    if mean.shape != (k,) or std.shape != (k,) or corr.shape != (k, k):
+        raise ReferenceFormatError(f"typicality reference: {where} must describe the {k} statistics {list(BASES)}")
+    if (std <= 0).any() or not np.allclose(corr, corr.T) or not np.allclose(np.diag(corr), 1.0, atol=1e-6):
+        raise ReferenceFormatError(f"typicality reference: {where} needs positive std and a correlation matrix")
+    return Copula(mean, std, corr)
 
 
 def _tail(d: Any, where: str, side: str) -> TailCDF:
