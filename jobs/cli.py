@@ -407,11 +407,14 @@ def embed(ctx: click.Context, data_url: str, storage_options: str | None, **valu
 @click.option("--kind", type=click.Choice(["flat", "hnsw", "ivf"]), default=None,
               help="flat: exact scan; hnsw: approximate graph, for millions of rows (default); ivf: inverted lists, "
                    "builds ~12x faster, queries ~1.7x slower at equal recall (BENCHMARKS.md). An existing index keeps its own.")
+@click.option("--whiten/--no-whiten", default=None,
+              help="Whiten the vectors by the first build's mean and covariance before indexing (queries too): "
+                   "every latent direction weighs the same (default off; an existing index keeps its own).")
 @click.option("--run-date", default=None, metavar="YYYY-MM-DD", help="Add only the partition dt=YYYY-MM-DD.")
 @storage_option
 @handle_errors
-def index_cmd(latents_url: str, index_url: str, metric: str | None, kind: str | None, run_date: str | None,
-              storage_options: str | None) -> None:
+def index_cmd(latents_url: str, index_url: str, metric: str | None, kind: str | None, whiten: bool | None,
+              run_date: str | None, storage_options: str | None) -> None:
     """Build a vector index of the embeddings under LATENTS_URL (vaepipe embed's --out), or add
     the partitions it does not hold yet; keys are never added twice, another model is refused.
 
@@ -422,7 +425,7 @@ def index_cmd(latents_url: str, index_url: str, metric: str | None, kind: str | 
     from pipeline.index import build_index
 
     click.echo(json.dumps(build_index(latents_url, index_url, metric=metric, kind=kind, run_date=run_date,
-                                      storage_options=_so(storage_options))))
+                                      storage_options=_so(storage_options), whiten=whiten)))
 
 
 @cli.command("search")

@@ -9,6 +9,11 @@ An index lives in a folder at any fsspec URL::
     INDEX_URL/vectors-<generation>.faiss  the faiss index (row i of the rows file is faiss id i)
     INDEX_URL/rows-<generation>.parquet   key, shard, index, label, anomaly_score of every vector
 
+``whiten`` (``vaepipe index --whiten``): the vectors are whitened before they are indexed, by the
+mean and covariance of the first build's rows (:class:`Whitening`, stored in the sidecar and
+reused by every later add and every query), so that distances weigh the latent's directions
+equally instead of by their spread (BENCHMARKS.md, "Retrieval", measures what it buys).
+
 Each file is written atomically (:func:`vae_model.storage.atomic_write_bytes`) under a new
 generation, and the sidecar that names them last, so a reader sees the old index or the new one,
 never a mix; files older than the previous generation are then deleted.
@@ -57,6 +62,7 @@ IVF_TRAIN_PER_LIST = 64
 IVF_SEED = 0
 IVF_NPROBE = 512  # lists scanned per query: recall@10 0.96 at 1M x 32 N(0, I) (BENCHMARKS.md); in index.json;
 # VectorIndex.nprobe sets it at query time (saved with the index when it is next written)
+WHITEN_EPS = 1e-6  # added to the covariance's eigenvalues, relative to their mean: a flat direction stays finite
 ROW_FIELDS = pa.schema([("key", pa.string()), ("shard", pa.string()), ("index", pa.int64()), ("label", pa.int64()),
                         ("anomaly_score", pa.float64())])
 
@@ -86,22 +92,58 @@ def _faiss():
     return faiss
 
 
+@dataclass
+class Whitening:
+    """x -> (x - mean) @ matrix, with matrix = Cov^-1/2 (symmetric: ZCA) of the rows it was fitted on."""
+
+    mean: np.ndarray  # (D,)
+    matrix: np.ndarray  # (D, D)
+    fitted_on: int
+
+    @classmethod
+    def fit(cls, vectors: np.ndarray) -> "Whitening":
+        x = np.asarray(vectors, dtype=np.float64)
+        n, d = x.shape
+        if n < 2 * d:
+            raise VectorIndexError(f"--whiten fits on the first build's rows: {n} are too few for {d} dimensions "
+                                   f"(need {2 * d}); build from more partitions first")
+        mean = x.mean(0)
+        vals, vecs = np.linalg.eigh(np.cov(x - mean, rowvar=False).reshape(d, d))
+        vals = np.maximum(vals, 0.0) + WHITEN_EPS * max(float(vals.mean()), 1e-12)
+        return cls(mean, (vecs / np.sqrt(vals)) @ vecs.T, n)
+
+    def apply(self, vectors: np.ndarray) -> np.ndarray:
+        return ((np.asarray(vectors, dtype=np.float64) - self.mean) @ self.matrix).astype(np.float32)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean.tolist(), "matrix": self.matrix.tolist(), "fitted_on": self.fitted_on}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Whitening":
+        mean, matrix = np.asarray(d["mean"], dtype=np.float64), np.asarray(d["matrix"], dtype=np.float64)
+        if mean.ndim != 1 or matrix.shape != (len(mean), len(mean)) or not np.isfinite(matrix).all():
+            raise VectorIndexError("index.json: whiten is not a mean and a square matrix of its dimension; rebuild the index")
+        return cls(mean, matrix, int(d.get("fitted_on", 0)))
+
+
 class VectorIndex:
     """Vectors keyed by row key in a faiss index, with each row's shard, index, label and score."""
 
-    def __init__(self, faiss_index: Any, metric: str, kind: str, rows: pa.Table, meta: dict[str, Any]) -> None:
+    def __init__(self, faiss_index: Any, metric: str, kind: str, rows: pa.Table, meta: dict[str, Any],
+                 whiten: bool = False, whitening: Whitening | None = None) -> None:
         if metric not in METRICS:
             raise VectorIndexError(f"--metric {metric}: choose one of {', '.join(METRICS)}")
         if kind not in KINDS:
             raise VectorIndexError(f"--kind {kind}: choose one of {', '.join(KINDS)}")
         self.faiss_index, self.metric, self.kind, self.meta = faiss_index, metric, kind, meta
+        self.whiten, self.whitening = bool(whiten or whitening is not None), whitening
         self._rows = rows
         self._cols = {name: rows.column(name).to_pylist() for name in rows.column_names}
         self._position = {k: i for i, k in enumerate(self._cols["key"])}
 
     @classmethod
     def new(cls, dim: int, metric: str = "cosine", kind: str = "hnsw", threads: int | None = None,
-            meta: dict[str, Any] | None = None) -> VectorIndex:
+            meta: dict[str, Any] | None = None, whiten: bool = False) -> VectorIndex:
         faiss = _faiss()
         if threads:
             faiss.omp_set_num_threads(threads)
@@ -113,7 +155,7 @@ class VectorIndex:
             index = _ivf(dim, 1)  # a placeholder: the first add sizes and trains the lists (_train_ivf)
         else:
             index = faiss.IndexFlatL2(dim)
-        return cls(index, metric, kind, ROW_FIELDS.empty_table(), dict(meta or {}))
+        return cls(index, metric, kind, ROW_FIELDS.empty_table(), dict(meta or {}), whiten=whiten)
 
     # -- contents ------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -149,14 +191,18 @@ class VectorIndex:
 
     @property
     def trained(self) -> bool:
-        return bool(self.faiss_index.is_trained)
+        return bool(self.faiss_index.is_trained) and (not self.whiten or self.whitening is not None)
 
     def train(self, vectors: np.ndarray) -> None:
-        """Size and train an empty ivf index's lists on ``vectors`` (the first build's rows; the first
-        :meth:`add` does it with its own rows otherwise); nothing to do for the other kinds."""
-        if self.kind != "ivf" or self.trained:
+        """Fit the whitening (``whiten``) and size and train an empty ivf index's lists on
+        ``vectors`` (the first build's rows; the first :meth:`add` does it with its own rows
+        otherwise); nothing to do for a flat or hnsw index without whitening."""
+        vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim)
+        if self.whiten and self.whitening is None and len(vectors):
+            self.whitening = Whitening.fit(vectors)
+        if self.kind != "ivf" or self.faiss_index.is_trained:
             return
-        prepared = self._prepare(np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim))
+        prepared = self._prepare(vectors)
         if len(prepared):
             self.faiss_index = _train_ivf(prepared)
             self.meta["ivf"] = {"trained_on": len(prepared)}
@@ -195,12 +241,14 @@ class VectorIndex:
 
     def _prepare(self, vectors: np.ndarray) -> np.ndarray:
         v = np.ascontiguousarray(vectors, dtype=np.float32)
+        if self.whitening is not None:
+            v = self.whitening.apply(v)
         if self.metric == "cosine":
             v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
         return v
 
     def vector(self, key: str) -> np.ndarray:
-        """The stored vector of ``key`` (unit length under cosine)."""
+        """The stored vector of ``key`` (whitened with ``whiten``; unit length under cosine)."""
         if key not in self._position:
             raise VectorIndexError(f"key {key!r} is not in the index")
         return self.faiss_index.reconstruct(self._position[key])
@@ -208,7 +256,10 @@ class VectorIndex:
     # -- queries -------------------------------------------------------------------------
     def search(self, vectors: np.ndarray, k: int = 10) -> list[list[Hit]]:
         """The ``k`` nearest rows of each query vector (Q, D), nearest first."""
-        q = self._prepare(np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim))
+        return self._search(self._prepare(np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim)), k)
+
+    def _search(self, q: np.ndarray, k: int) -> list[list[Hit]]:
+        """:meth:`search` of already prepared (stored-space) query vectors."""
         if not len(self):
             return [[] for _ in q]
         d2, ids = self.faiss_index.search(q, min(k, max(len(self), 1)))
@@ -216,7 +267,7 @@ class VectorIndex:
 
     def search_key(self, key: str, k: int = 10) -> list[Hit]:
         """The ``k`` nearest rows of a stored row, the row itself first."""
-        hits = [h for h in self.search(self.vector(key)[None], k + 1)[0] if h.key != key]
+        hits = [h for h in self._search(self.vector(key)[None], k + 1)[0] if h.key != key]
         return [self._hit(self._position[key], 0.0), *hits][:k]
 
     def _hit(self, i: int, d2: float) -> Hit:
@@ -291,7 +342,10 @@ def load_index(index_url: str, storage_options: StorageOptions = None) -> Vector
     if rows.num_rows != index.ntotal or rows.num_rows != meta["count"]:
         raise VectorIndexError(f"{index_url}: the index holds {index.ntotal} vectors, its rows file {rows.num_rows} and its "
                           f"sidecar says {meta['count']}; rebuild it")
-    return VectorIndex(index, meta["metric"], meta["kind"], rows.cast(ROW_FIELDS), meta)
+    w = meta.get("whiten")
+    whitening = Whitening.from_dict(w) if w and "mean" in w else None
+    return VectorIndex(index, meta["metric"], meta["kind"], rows.cast(ROW_FIELDS), meta, whiten=bool(w),
+                       whitening=whitening)
 
 
 def save_index(index: VectorIndex, index_url: str, storage_options: StorageOptions = None) -> dict[str, Any]:
@@ -306,6 +360,9 @@ def save_index(index: VectorIndex, index_url: str, storage_options: StorageOptio
     meta = {**index.meta, "format": FORMAT, "metric": index.metric, "kind": index.kind, "dim": index.dim,
             "count": len(index), "files": files, "library": f"faiss-cpu {_faiss().__version__}",
             "updated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    # asked for but not fitted yet (no rows so far): the first add fits it
+    meta["whiten"] = index.whitening.to_dict() if index.whitening is not None else ({"pending": True} if index.whiten
+                                                                                     else None)
     if index.kind == "hnsw":
         meta["hnsw"] = {"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef_search": HNSW_EF_SEARCH}
     elif index.kind == "ivf":
@@ -354,14 +411,16 @@ def _partition_name(latents_url: str, part: str) -> str:
 
 def build_index(latents_url: str, index_url: str, metric: str | None = None, kind: str | None = None,
                 run_date: str | None = None, storage_options: StorageOptions = None,
-                threads: int | None = None) -> dict[str, Any]:
+                threads: int | None = None, whiten: bool | None = None) -> dict[str, Any]:
     """Build the index at ``index_url`` from ``vaepipe embed`` output, or add to it.
 
     Adds the rows of every complete partition of ``latents_url`` (only ``dt=run_date`` when
     given) that the index does not hold yet, read from the files its manifest names; a key
     already in the index is never added again. Rows of another model are refused: a new model
-    means a new index. A new ivf index sizes and trains its lists on the unique rows of every
-    partition this first build adds (read once, held together); later builds reuse those lists.
+    means a new index. A new ivf index sizes and trains its lists, and ``whiten`` fits its
+    whitening, on the unique rows of every partition this first build adds (read once, held
+    together); later builds reuse them. ``metric``, ``kind`` and ``whiten`` are the first
+    build's; a later build that asks for others is refused.
     Returns ``{"index_url", "count", "added", "partitions_added", ...}``.
     """
     parts = partitions(latents_url, run_date, storage_options)
@@ -371,6 +430,9 @@ def build_index(latents_url: str, index_url: str, metric: str | None = None, kin
             if want is not None and want != existing[name]:
                 raise VectorIndexError(f"{index_url} is a {existing[name]} index; --{name} {want} needs a new index "
                                   f"(another --out)")
+        if whiten is not None and whiten != bool(existing.get("whiten")):
+            raise VectorIndexError(f"{index_url} is {'a whitened' if existing.get('whiten') else 'an unwhitened'} index; "
+                                   f"--{'' if whiten else 'no-'}whiten needs a new index (another --out)")
         index = load_index(index_url, storage_options)
     else:
         index = None
@@ -389,7 +451,7 @@ def build_index(latents_url: str, index_url: str, metric: str | None = None, kin
             first = manifest.get("files") or [None]
             config = json.loads((read_metadata(join(part, first[0]), storage_options) or {}).get("vaepipe.config", "{}")
                                 if first[0] else "{}")
-            index = VectorIndex.new(dim, metric or "cosine", kind or "hnsw", threads,
+            index = VectorIndex.new(dim, metric or "cosine", kind or "hnsw", threads, whiten=bool(whiten),
                                     meta={"model_id": model_id, "calibration": manifest.get("calibration"),
                                           "checkpoint": manifest.get("checkpoint"), "latents_url": latents_url,
                                           "image": {"channels": config.get("channels"),
@@ -429,7 +491,8 @@ def build_index(latents_url: str, index_url: str, metric: str | None = None, kin
         meta = save_index(index, index_url, storage_options)
     return {"index_url": index_url, "count": meta.get("count", 0), "added": added, "duplicates_skipped": duplicates,
             "partitions_added": added_parts, "partitions": [p["name"] for p in meta.get("partitions", [])],
-            "model_id": meta.get("model_id"), "metric": meta.get("metric"), "kind": meta.get("kind")}
+            "model_id": meta.get("model_id"), "metric": meta.get("metric"), "kind": meta.get("kind"),
+            "whiten": bool(meta.get("whiten"))}
 
 
 def _unique_embeddings(tables: list[pa.Table]) -> np.ndarray:

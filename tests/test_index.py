@@ -219,3 +219,52 @@ def test_index_on_seaweedfs(latents, fashion_shards, s3_bucket, s3_server, kind)
     res = CliRunner().invoke(cli, ["search", index_url, "--key", key, "-k", "2",
                                    "--storage-options", s3_server.storage_options_json], catch_exceptions=False)
     assert json.loads(res.output.splitlines()[0])["key"] == key
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_whitened_index_searches_in_whitened_space_and_keeps_its_transform(latents, tmp_path, kind):
+    """--whiten: the first build's mean and covariance whiten every stored and every query vector;
+    later partitions reuse the transform; the index cannot change its mind."""
+    index_url = str(tmp_path / "white")
+    first = build_index(str(latents), index_url, metric="l2", kind=kind, run_date=DAY1, whiten=True)
+    assert first["whiten"]
+    meta = json.loads((tmp_path / "white" / SIDECAR).read_text())
+    w = meta["whiten"]
+    raw = np.stack(_rows(latents, DAY1).column("embedding").to_numpy(zero_copy_only=False)).astype(np.float64)
+    assert w["fitted_on"] == len(raw)
+    np.testing.assert_allclose(w["mean"], raw.mean(0), rtol=1e-6, atol=1e-9)
+    white = (raw - raw.mean(0)) @ np.asarray(w["matrix"])
+    np.testing.assert_allclose(np.cov(white, rowvar=False), np.eye(raw.shape[1]), atol=1e-3)
+
+    build_index(str(latents), index_url)  # days 2 and 3: same transform
+    again = json.loads((tmp_path / "white" / SIDECAR).read_text())
+    assert again["whiten"] == w and again["count"] == first["count"] + _rows(latents, DAY2).num_rows
+    idx = load_index(index_url)
+    # search by key: the key itself first, then what an exact scan in whitened space finds
+    keys = idx.rows_table().column("key").to_pylist()
+    stored = np.stack([idx.vector(k) for k in keys])
+    probe = keys[7]
+    hits = idx.search_key(probe, k=5)
+    exact = np.argsort(((stored - stored[7]) ** 2).sum(1), kind="stable")[:5]
+    assert hits[0].key == probe
+    if kind == "flat":
+        assert [h.key for h in hits] == [keys[i] for i in exact]
+    # a raw query vector is whitened like the stored ones
+    q = idx.search(raw[7:8], k=1)[0][0]
+    assert q.key == probe and q.distance < 1e-3
+    with pytest.raises(VectorIndexError, match="is a whitened index; --no-whiten needs a new index"):
+        build_index(str(latents), index_url, whiten=False)
+    with pytest.raises(VectorIndexError, match="is an unwhitened index; --whiten needs a new index"):
+        plain = str(tmp_path / "plain")
+        build_index(str(latents), plain, run_date=DAY1)
+        build_index(str(latents), plain, whiten=True)
+
+
+def test_whitening_needs_enough_rows_and_says_so(tiny_checkpoint, tmp_path):
+    from pipeline.index import Whitening
+
+    with pytest.raises(VectorIndexError, match=r"--whiten fits on the first build's rows: 5 are too few for 4 "
+                                               r"dimensions \(need 8\)"):
+        Whitening.fit(np.random.default_rng(0).normal(size=(5, 4)))
+    r = CliRunner().invoke(cli, ["index", "--help"])
+    assert "--whiten / --no-whiten" in r.output
