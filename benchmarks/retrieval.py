@@ -172,10 +172,31 @@ def evaluate_latents(mu_db, lv_db, mu_q, lv_q, ydb, yq) -> tuple[dict, dict]:
         "mu, full whitening": scores((mu_q - m) @ white, yq, (mu_db - m) @ white, ydb),
         "mu, active units only": scores(mu_q[:, active], yq, mu_db[:, active], ydb),
     }
+    rows.update(index_scores(mu_q, yq, mu_db, ydb))
     diag = {"active_units": int(active.sum()), "latent_dim": int(len(var)),
             "var_mu_per_dim": [round(float(v), 4) for v in np.sort(var)[::-1]],
             "mean_posterior_std_per_dim": [round(float(v), 4) for v in post_std[np.argsort(var)[::-1]]]}
     return rows, diag
+
+
+def index_scores(mu_q, yq, mu_db, ydb) -> dict:
+    """The same queries through vaepipe's index (pipeline.index.VectorIndex, flat: exact), as
+    ``vaepipe index`` builds it: cosine (its default), and ``--whiten`` with either metric."""
+    from pipeline.index import VectorIndex
+
+    out = {}
+    for name, metric, whiten in (("vaepipe index, cosine", "cosine", False),
+                                 ("vaepipe index --whiten, cosine", "cosine", True),
+                                 ("vaepipe index --whiten, l2", "l2", True)):
+        idx = VectorIndex.new(mu_db.shape[1], metric, "flat", whiten=whiten)
+        idx.train(mu_db)
+        idx.add([str(i) for i in range(len(mu_db))], mu_db, labels=[int(y) for y in ydb])
+        hits = idx.search(mu_q, 100)
+        rel = np.array([[h.label for h in row] for row in hits]) == yq[:, None]
+        prec_at = np.cumsum(rel, 1) / np.arange(1, 101)
+        out[name] = {"p@10": round(float(rel[:, :10].mean()), 4),
+                     "mAP@100": round(float(((prec_at * rel).sum(1) / 100.0).mean()), 4)}
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
