@@ -235,10 +235,16 @@ def train(data_url: str, out: str, val_url: str | None, val_fraction: float, epo
 @click.option("--iwae-k", type=click.IntRange(1, 10000), default=16, show_default=True,
               help="Importance samples for the iwae score's quantiles.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--rule", type=click.Choice(["fisher", "tpm", "minp", "copula"]), default=None,
+              help="How the typicality score combines its statistics (default fisher, the anomaly battery's choice: "
+                   "README, 'Anomaly scores'); copula also flags images too typical for a statistic.")
+@click.option("--statistics", default=None, metavar="A,B,..",
+              help="Which statistics it combines, among nll_bits, complexity, kde, knn, nll_bits_2s, complexity_2s "
+                   "(default nll_bits,complexity,kde,knn).")
 @storage_option
 @handle_errors
-def calibrate(checkpoint_url: str, data_url: str, limit: int, iwae_k: int, seed: int,
-              storage_options: str | None) -> None:
+def calibrate(checkpoint_url: str, data_url: str, limit: int, iwae_k: int, seed: int, rule: str | None,
+              statistics: str | None, storage_options: str | None) -> None:
     """Refit a checkpoint's score quantiles and typicality reference on DATA_URL.
 
     DATA_URL should hold normal images the model was not trained on (a few thousand: the
@@ -250,10 +256,20 @@ def calibrate(checkpoint_url: str, data_url: str, limit: int, iwae_k: int, seed:
       vaepipe calibrate runs/m.safetensors s3://bucket/fmnist/holdout/ --limit 8000
     """
     from jobs.calibrate import calibrate as run_calibrate
+    from vae_model.combine import DEFAULT_RULE
+    from vae_model.typicality import ALL_STATISTICS
 
     if limit is not None and limit < 1:
         raise click.BadParameter("must be >= 1", param_hint="--limit")
-    click.echo(json.dumps(run_calibrate(checkpoint_url, data_url, limit, iwae_k, seed, _so(storage_options))))
+    uses = None
+    if statistics is not None:
+        uses = tuple(s.strip() for s in statistics.split(",") if s.strip())
+        unknown = [s for s in uses if s not in ALL_STATISTICS]
+        if not uses or unknown:
+            raise click.BadParameter(f"{statistics!r}: name some of {', '.join(ALL_STATISTICS)}",
+                                     param_hint="--statistics")
+    click.echo(json.dumps(run_calibrate(checkpoint_url, data_url, limit, iwae_k, seed, _so(storage_options),
+                                        rule=rule or DEFAULT_RULE, uses=uses)))
 
 
 @cli.command()

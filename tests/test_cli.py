@@ -132,3 +132,18 @@ def test_embed_uses_the_local_cores_by_default(fashion_shards, tiny_checkpoint, 
     assert manifest["worker_processes"] == workers
     if workers > 1:
         assert os.getpid() not in {s["pid"] for s in manifest["shards"]}
+
+
+def test_calibrate_takes_the_typicality_rule_and_statistics(tiny_checkpoint, mnist_shards, tmp_path):
+    import shutil
+
+    from vae_model.checkpoint_header import inspect_checkpoint
+
+    ckpt = tmp_path / "m.safetensors"
+    shutil.copy(tiny_checkpoint, ckpt)
+    res = invoke("calibrate", ckpt, mnist_shards, "--iwae-k", 2, "--rule", "copula", "--statistics", "nll_bits,kde,knn")
+    assert res.exit_code == 0, res.output
+    ref = inspect_checkpoint(str(ckpt)).meta["typicality"]
+    assert ref["rule"] == "copula" and ref["uses"] == ["nll_bits", "kde", "knn"] and len(ref["copula"]["corr"]) == 4
+    bad = invoke("calibrate", ckpt, mnist_shards, "--statistics", "kde,pixels")
+    assert bad.exit_code == 2 and "name some of nll_bits" in bad.output
