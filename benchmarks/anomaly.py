@@ -333,15 +333,19 @@ def calibrated(ckpt: str, images: np.ndarray, name: str, choice: str) -> str:
     from jobs.calibrate import calibrate
     from vae_model.checkpoint_header import inspect_checkpoint
 
-    rule, uses = choice.split(":")
     meta = inspect_checkpoint(ckpt).meta
-    t = meta["typicality"]
-    if (meta.get("calibration", {}).get("data_url", "").endswith(name) and t.get("rule") == rule
-            and "+".join(t.get("uses", [])) == uses):
+    if meta.get("calibration", {}).get("data_url", "").endswith(name) and _has_choice(meta, choice):
         return ckpt
+    rule, uses = choice.split(":")
     data = shards(_idx_pair(BENCH / f"idx-{name}", images, np.zeros(len(images), np.uint8)), name)
     calibrate(ckpt, data, limit=None, iwae_k=1, rule=rule, uses=tuple(uses.split("+")))
     return ckpt
+
+
+def _has_choice(meta: dict, choice: str) -> bool:
+    """Whether a checkpoint's typicality reference combines by ``choice`` ("rule:a+b+..")."""
+    t = meta["typicality"]
+    return f"{t.get('rule')}:{'+'.join(t.get('uses', []))}" == choice
 
 
 def choose_rule(results: dict) -> dict:
@@ -463,8 +467,7 @@ def photo_cases(results: dict, choice: str) -> None:
     if not common.trained(elpv):
         ap.train_elpv(sets, 600.0, False)
     ck = _copy_checkpoint(elpv, BENCH / "elpv64-battery.safetensors")
-    t = inspect_checkpoint(ck).meta["typicality"]
-    if t.get("rule") != rule or "+".join(t.get("uses", [])) != uses:
+    if not _has_choice(inspect_checkpoint(ck).meta, choice):
         calibrate(ck, str(sets["val"]), limit=None, iwae_k=1, rule=rule, uses=tuple(uses.split("+")))
     df, _ = ap.score_rows(sets["normal"].parent, ck, "battery-elpv", "typicality", 1)
     st = statistics(df, ck)
@@ -480,8 +483,7 @@ def photo_cases(results: dict, choice: str) -> None:
         return
     ck = _copy_checkpoint(PHOTO_CHECKPOINT, BENCH / "photo32-battery.safetensors")
     info = inspect_checkpoint(ck)
-    t = info.meta["typicality"]
-    if t.get("rule") != rule or "+".join(t.get("uses", [])) != uses:
+    if not _has_choice(info.meta, choice):
         cfg, data = info.config, str(PHOTO_CHECKPOINT.parent.parent / info.meta["train_config"]["data_url"])
         ds = ShardImageDataset(list_specs(data), cfg.channels, cfg.image_size, split="val",
                                val_fraction=info.meta["val_fraction"], resize=trained_resize(info.meta))

@@ -75,7 +75,12 @@ def neighbours(q: np.ndarray, db: np.ndarray, k: int, metric: str = "l2", chunk:
 
 def scores(q: np.ndarray, yq: np.ndarray, db: np.ndarray, ydb: np.ndarray, metric: str = "l2") -> dict:
     """precision@10 and mAP@100 of the queries against the database."""
-    rel = (ydb[neighbours(q, db, 100, metric)] == yq[:, None]).astype(np.float64)  # (Q, 100)
+    return rank_scores(ydb[neighbours(q, db, 100, metric)] == yq[:, None])
+
+
+def rank_scores(rel: np.ndarray) -> dict:
+    """precision@10 and mAP@100 from each query's relevance of its 100 nearest (Q, 100), nearest first."""
+    rel = np.asarray(rel, dtype=np.float64)
     prec_at = np.cumsum(rel, 1) / np.arange(1, 101)
     ap = (prec_at * rel).sum(1) / 100.0
     return {"p@10": round(float(rel[:, :10].mean()), 4), "mAP@100": round(float(ap.mean()), 4)}
@@ -192,10 +197,7 @@ def index_scores(mu_q, yq, mu_db, ydb) -> dict:
         idx.train(mu_db)
         idx.add([str(i) for i in range(len(mu_db))], mu_db, labels=[int(y) for y in ydb])
         hits = idx.search(mu_q, 100)
-        rel = np.array([[h.label for h in row] for row in hits]) == yq[:, None]
-        prec_at = np.cumsum(rel, 1) / np.arange(1, 101)
-        out[name] = {"p@10": round(float(rel[:, :10].mean()), 4),
-                     "mAP@100": round(float(((prec_at * rel).sum(1) / 100.0).mean()), 4)}
+        out[name] = rank_scores(np.array([[h.label for h in row] for row in hits]) == yq[:, None])
     return out
 
 

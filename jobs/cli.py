@@ -235,6 +235,7 @@ def train(data_url: str, out: str, val_url: str | None, val_fraction: float, epo
 @click.option("--iwae-k", type=click.IntRange(1, 10000), default=16, show_default=True,
               help="Importance samples for the iwae score's quantiles.")
 @click.option("--seed", default=0, show_default=True)
+# the rules of vae_model.combine.RULES, listed here so that parsing flags imports no numpy (tests/test_cli.py)
 @click.option("--rule", type=click.Choice(["fisher", "tpm", "minp", "copula"]), default=None,
               help="How the typicality score combines its statistics (default fisher, the anomaly battery's choice: "
                    "README, 'Anomaly scores'); copula also flags images too typical for a statistic.")

@@ -147,3 +147,11 @@ def test_calibrate_takes_the_typicality_rule_and_statistics(tiny_checkpoint, mni
     assert ref["rule"] == "copula" and ref["uses"] == ["nll_bits", "kde", "knn"] and len(ref["copula"]["corr"]) == 4
     bad = invoke("calibrate", ckpt, mnist_shards, "--statistics", "kde,pixels")
     assert bad.exit_code == 2 and "name some of nll_bits" in bad.output
+
+
+def test_calibrate_rule_choices_are_the_library_rules():
+    """The CLI lists the rules literally (it does not import numpy to parse flags): they must stay the library's."""
+    from vae_model.combine import RULES
+
+    rule = next(p for p in cli.commands["calibrate"].params if p.name == "rule")
+    assert tuple(rule.type.choices) == RULES

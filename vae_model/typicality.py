@@ -252,6 +252,7 @@ class LatentKNN:
 STATISTICS = (("nll_bits", "nll_bits", "upper"), ("complexity", "complexity", "upper"), ("kde", "kde", "upper"),
               ("knn", "knn", "upper"), ("nll_bits_2s", "nll_bits", "two"), ("complexity_2s", "complexity", "two"))
 ALL_STATISTICS = tuple(name for name, _, _ in STATISTICS)
+BASE_OF = {name: base for name, base, _ in STATISTICS}
 BASES = ("nll_bits", "complexity", "kde", "knn")  # the statistics with a stored tail model
 DEFAULT_USES = ("nll_bits", "complexity", "kde", "knn")  # what the score combines (BENCHMARKS.md, "Anomaly battery")
 COMBINED_KIND = "typicality_v3"
@@ -339,7 +340,7 @@ class TypicalityReference:
         if rule == "copula":
             if self.copula is None:
                 raise ValueError("this typicality reference has no copula: run `vaepipe calibrate`")
-            bases = list(dict.fromkeys(dict((n, b) for n, b, _ in STATISTICS)[name] for name in uses))
+            bases = list(dict.fromkeys(BASE_OF[name] for name in uses))
             return self.copula.statistic(_copula_scores(self.tails, stats, bases), [BASES.index(b) for b in bases])
         cols = [ALL_STATISTICS.index(name) for name in uses]
         return combine(self.stat_log_pvalues(stats)[:, cols], rule)
