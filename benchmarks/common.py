@@ -150,10 +150,12 @@ def ensure_checkpoint(quick: bool = False) -> Path:
 class TreeRSS:
     """Sample the RSS of a process and all its descendants in a background thread.
 
-    Keeps each pid's peak RSS and command line, and the peak of the tree's sum.
+    Keeps each pid's peak RSS and command line, the peak of the tree's sum, and a time series
+    (``trace``: seconds since start, the root's RSS, the largest other process's RSS, in MB) sampled
+    every ``trace_every`` seconds when given: where in a run the memory grows, not only how high it peaks.
     """
 
-    def __init__(self, root_pid: int, interval: float = 0.05) -> None:
+    def __init__(self, root_pid: int, interval: float = 0.05, trace_every: float | None = None) -> None:
         import psutil
 
         self._psutil = psutil
@@ -162,6 +164,8 @@ class TreeRSS:
         self.peak: dict[int, int] = {}
         self.cmd: dict[int, str] = {}
         self.peak_sum = 0
+        self.trace: list[tuple[float, float, float]] = []
+        self.trace_every = trace_every
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -175,8 +179,11 @@ class TreeRSS:
 
     def _run(self) -> None:
         ps = self._psutil
+        t0 = time.monotonic()
+        next_trace = t0
         while not self._stop.is_set():
             total = 0
+            now: dict[int, int] = {}
             try:
                 procs = [self.root, *self.root.children(recursive=True)]
             except ps.Error:
@@ -189,9 +196,15 @@ class TreeRSS:
                 except ps.Error:
                     continue
                 total += rss
+                now[p.pid] = rss
                 if rss > self.peak.get(p.pid, 0):
                     self.peak[p.pid] = rss
             self.peak_sum = max(self.peak_sum, total)
+            if self.trace_every and time.monotonic() >= next_trace:
+                next_trace += self.trace_every
+                others = [v for pid, v in now.items() if pid != self.root.pid]
+                self.trace.append((round(time.monotonic() - t0, 2), mb(now.get(self.root.pid, 0)),
+                                   mb(max(others, default=0))))
             self._stop.wait(self.interval)
 
     def summary(self, root_pid: int) -> dict[str, Any]:
@@ -204,6 +217,7 @@ class TreeRSS:
             "workers": len(workers),
             "worker_peaks_mb": sorted((mb(v) for v in workers.values()), reverse=True),
             "tree_peak_mb": mb(self.peak_sum),
+            **({"rss_trace": self.trace} if self.trace_every else {}),
         }
 
 
@@ -211,7 +225,8 @@ def mb(nbytes: float) -> float:
     return round(nbytes / 2 ** 20, 1)
 
 
-def run_child(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 1800) -> dict[str, Any]:
+def run_child(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 1800,
+              trace_every: float | None = None) -> dict[str, Any]:
     """Run ``cmd``; return wall time, CPU time and peak RSS of the process tree, stdout, stderr tail.
 
     ``wait4`` gives the kernel's peak RSS of the largest process among the child and every
@@ -227,7 +242,7 @@ def run_child(cmd: list[str], env: dict[str, str] | None = None, timeout: float 
                for s, c in ((proc.stdout, out_chunks), (proc.stderr, err_chunks))]
     for r in readers:
         r.start()
-    with TreeRSS(proc.pid) as sampler:
+    with TreeRSS(proc.pid, trace_every=trace_every) as sampler:
         deadline = time.monotonic() + timeout
         while True:
             pid, status, ru = os.wait4(proc.pid, os.WNOHANG)

@@ -34,7 +34,7 @@ from vae_model.checkpoint_header import calibration_id
 from vae_model.device import pick_device, scoring_precision
 from vae_model.config import NO_SCORE
 from vae_model.errors import ImageDecodeError
-from vae_model.runtime import release_memory
+from vae_model.runtime import HeapWatch, release_memory
 from vae_model.scoring import ScoreOptions, for_scoring, score_batch
 from vae_model.storage import join, remove_if_exists
 
@@ -229,10 +229,12 @@ class ShardEmbedder:
         # encoded image bytes read, seconds decoding (the prefetch thread) and scoring: Beam metrics
         self._work = {"bytes_read": 0, "decode_seconds": 0.0, "score_seconds": 0.0}
         writer = AtomicParquetWriter(self.rows_url(spec), self.schema, so)
+        heap = HeapWatch()  # bounded resident size inside a shard of any size, not only between shards
         try:
             for batch in _Prefetch(self._decoded(spec, errors, tally)):
                 for part, s in self._scored(spec, batch, errors):
                     writer.write(self._record_batch(spec, part, s))
+                heap.check()
             # members: what the shard contains, counted by the reader; reconciled against rows + errors
             counts = {"members": tally.members, "images_seen": writer.rows + len(errors), "rows": writer.rows,
                       "errors": len(errors)}
@@ -250,7 +252,7 @@ class ShardEmbedder:
                  secs, counts["images_seen"] / max(secs, 1e-9))
         return {"shard": spec.name, "output": self.rows_url(spec), **counts, "skipped": False,
                 "started_at": started, "seconds": round(secs, 4), "pid": os.getpid(),
-                **{k: round(v, 4) for k, v in self._work.items()},
+                **{k: round(v, 4) for k, v in self._work.items()}, "heap_trims": heap.trims,
                 "dead_letters": dict(collections.Counter(e["error_type"] for e in errors))}
 
     def score_rows(self, batch: list[BatchItem], shards: list[str | None]) -> pa.RecordBatch:

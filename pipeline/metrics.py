@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "vaepipe"
 DEAD_LETTER_PREFIX = "dead_letters."  # + error_type: one counter per kind of failure
-COUNTERS = ("shards", "shards_skipped", "images_seen", "rows", "errors", "bytes_read")
+COUNTERS = ("shards", "shards_skipped", "images_seen", "rows", "errors", "bytes_read", "heap_trims")
 DISTRIBUTIONS = ("shard_images", "shard_decode_ms", "shard_score_ms", "shard_ms")  # per embedded shard
 
 
@@ -34,7 +34,7 @@ class ShardMetrics:
         c["shards"].inc()
         if summary.get("skipped"):  # its work was done by an earlier run: counted, not timed
             c["shards_skipped"].inc()
-        for name in ("images_seen", "rows", "errors", "bytes_read"):
+        for name in ("images_seen", "rows", "errors", "bytes_read", "heap_trims"):
             if summary.get(name):
                 c[name].inc(int(summary[name]))
         for etype, n in (summary.get("dead_letters") or {}).items():

@@ -14,7 +14,8 @@ from PIL import Image
 
 from jobs.cli import cli
 from pipeline import build_index, open_index
-from pipeline.index import IVF_NPROBE, SIDECAR, VectorIndex, VectorIndexError, ivf_lists, load_index
+from pipeline.index import (HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, IVF_NPROBE, LEGACY_HNSW, SIDECAR, VectorIndex,
+                            VectorIndexError, ivf_lists, load_index, save_index)
 from pipeline.options import EmbedOptions
 from pipeline.run import run_embed
 from vae_model.checkpoint import load_checkpoint, save_checkpoint
@@ -268,3 +269,27 @@ def test_whitening_needs_enough_rows_and_says_so(tiny_checkpoint, tmp_path):
         Whitening.fit(np.random.default_rng(0).normal(size=(5, 4)))
     r = CliRunner().invoke(cli, ["index", "--help"])
     assert "--whiten / --no-whiten" in r.output
+
+
+def test_hnsw_settings_are_the_index_own_and_survive_a_reload(tmp_path):
+    rng = np.random.default_rng(2)
+    vectors = rng.standard_normal((300, 8)).astype(np.float32)
+    idx = VectorIndex.new(8, metric="l2", kind="hnsw")
+    idx.add([f"k{i}" for i in range(300)], vectors)
+    assert idx.ef_search == HNSW_EF_SEARCH
+    idx.ef_search = 40
+    url = str(tmp_path / "idx")
+    meta = save_index(idx, url)
+    assert meta["hnsw"] == {"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef_search": 40}
+    again = load_index(url)
+    assert again.ef_search == 40 and again.search(vectors[:1], 1)[0][0].key == "k0"
+    # an index written before efSearch was stored per index reads back with the settings it was built for
+    sidecar = tmp_path / "idx" / SIDECAR
+    old = json.loads(sidecar.read_text())
+    del old["hnsw"]
+    sidecar.write_text(json.dumps(old))
+    assert load_index(url).ef_search == LEGACY_HNSW["ef_search"]
+    with pytest.raises(VectorIndexError, match="at least 1"):
+        again.ef_search = 0
+    with pytest.raises(VectorIndexError, match="hnsw indexes"):
+        VectorIndex.new(8, kind="ivf").ef_search = 4

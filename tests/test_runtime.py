@@ -96,3 +96,36 @@ def test_skip_exit_gc_freezes_the_heap_at_exit(value, frozen):
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["on"] is frozen
     assert (r["frozen"] > 100_000) is frozen  # torch alone leaves hundreds of thousands of objects
+
+
+WATCH = textwrap.dedent("""
+    import json
+    import torch
+    from vae_model.runtime import HeapWatch, resident_bytes, tune_allocator
+
+    assert tune_allocator()
+    watch = HeapWatch(slack=32 << 20)
+    first = watch.check()                  # measures the working set
+    steady = watch.check()                 # nothing grew
+    kept = [torch.ones(2_000_000) for _ in range(3)]   # 24 MB kept: the working set
+    junk = [torch.ones(1_000_000 + 1000 * i) for i in range(64)]  # ~256 MB freed, left mapped
+    del junk
+    grown = resident_bytes()
+    trimmed = watch.check()
+    after = resident_bytes()
+    remeasure = watch.check()              # the next check measures the working set again
+    print(json.dumps({"first": first, "steady": steady, "trimmed": trimmed, "released": grown - after,
+                      "remeasure": remeasure, "trims": watch.trims, "kept": len(kept)}))
+""")
+
+
+def test_heap_watch_trims_only_past_its_slack():
+    r = _probe(None, WATCH)
+    assert (r["first"], r["steady"], r["trimmed"], r["remeasure"]) == (False, False, True, False)
+    assert r["trims"] == 1 and r["released"] >= 200_000_000
+
+
+def test_heap_watch_is_off_with_the_default_allocator():
+    script = WATCH.replace("assert tune_allocator()", "assert not tune_allocator()")
+    r = _probe("0", script.replace('"released": grown - after,', ""))
+    assert r["trimmed"] is False and r["trims"] == 0

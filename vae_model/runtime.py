@@ -10,9 +10,12 @@ megabytes each, so every forward pass would page-fault them in anew. With the th
 freed activation memory is reused from the heap, as jemalloc or tcmalloc (which PyTorch's CPU
 performance guide recommends preloading) would do. The cost is that up to the trim threshold of
 freed memory stays mapped to the process: long-running loops call :func:`release_memory`
-between units of work (the pipeline does after each shard), which keeps their resident size
-flat however many batches they run. Off with ``VAEPIPE_TUNE_MALLOC=0``; a no-op where the C
-library is not glibc.
+between units of work (the pipeline does after each shard), and :class:`HeapWatch` inside
+one when the resident size has grown (a shard of any size: holes that variable-sized
+buffers, such as encoded photos and their decodes, leave in the heap otherwise ratchet the
+resident size up batch after batch). Together they keep the resident size flat however many
+batches a process runs. Off with ``VAEPIPE_TUNE_MALLOC=0``; a no-op where the C library is not
+glibc.
 
 :func:`skip_exit_gc`: with torch and Beam imported, the interpreter's last garbage collection at
 exit walks millions of objects, and a pipeline pays it in the driver and (one after another, as
@@ -58,6 +61,57 @@ def release_memory() -> None:
     """Give the heap's free memory back to the kernel (``malloc_trim``) when tuning is in effect."""
     if _done and _libc is not None:
         _libc.malloc_trim(0)
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set size (Linux ``/proc/self/statm``); None where unreadable."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+# The growth over a loop's working set that HeapWatch tolerates before it trims the heap. A trim
+# makes the next batch fault its activations in again (~0.1 s for a few hundred MB), so it should
+# be rare: a few per 1,000 photos at batch 64 (BENCHMARKS.md, "Photos: throughput").
+# VAEPIPE_HEAP_SLACK_MB overrides it (0: no trims inside a loop, only between units of work).
+HEAP_SLACK = 128 << 20
+
+
+class HeapWatch:
+    """Trim the heap inside a loop when the resident size has grown ``slack`` bytes past its working set.
+
+    Call :meth:`check` once per unit of work (a batch). The working set is the resident size
+    at the first check after a trim (the batch's buffers faulted in again); later checks trim
+    when the resident size exceeds it by more than ``slack``. A no-op unless the allocator is tuned
+    (:func:`tune_allocator`) and the resident size is readable.
+    """
+
+    def __init__(self, slack: int | None = None) -> None:
+        if slack is None:
+            env = os.environ.get("VAEPIPE_HEAP_SLACK_MB")
+            slack = int(float(env) * 2 ** 20) if env else HEAP_SLACK
+        self.slack = slack
+        self.working_set: int | None = None
+        self.trims = 0
+
+    def check(self) -> bool:
+        """Trim if the resident size grew past the working set + slack; True when it did."""
+        if not _done or self.slack <= 0:
+            return False
+        rss = resident_bytes()
+        if rss is None:
+            return False
+        if self.working_set is None:
+            self.working_set = rss
+            return False
+        if rss <= self.working_set + self.slack:
+            return False
+        release_memory()
+        self.working_set = None  # re-measured at the next check, once the next batch has run
+        self.trims += 1
+        return True
 
 
 def skip_exit_gc() -> bool:
