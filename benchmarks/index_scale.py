@@ -18,6 +18,7 @@ Queries are 1,000 other draws; exact neighbours come from a brute-force scan.
     .venv/bin/python benchmarks/index_scale.py --compare      # libraries at 100k (~2 min)
     .venv/bin/python benchmarks/index_scale.py                # vaepipe's index at 1M (hnsw's build ~20 min)
     taskset -c 1 .venv/bin/python benchmarks/index_scale.py --kinds flat,ivf   # one core
+    taskset -c 1 .venv/bin/python benchmarks/index_scale.py --graph 32:64,32:200 --n 200000  # build effort
     .venv/bin/python benchmarks/index_scale.py --quick        # smoke run at 20k
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 DIM, QUERIES, K = 32, 1000, 10
-EF_SEARCH = (16, 32, 64, 128, 256, 512)
+EF_SEARCH = (32, 64, 96, 128, 160, 192, 256, 512)
 NPROBE = (16, 32, 64, 128, 256, 512, 768, 1024)
 TARGETS = {"recall_at_10": 0.95, "queries_per_s": 1000}
 
@@ -129,6 +130,29 @@ def child_lib(lib: str, n: int) -> dict:
             "sweep": sweep}
 
 
+def child_graph(config: str, n: int) -> dict:
+    """Raw faiss HNSW at ``M:efConstruction`` (how the graph's build effort buys recall per query),
+    one thread for the build and the queries, one query per call, the same data and sweep."""
+    import faiss
+
+    m, efc = map(int, config.split(":"))
+    base, queries = data(n)
+    truth = exact(base, queries)
+    faiss.omp_set_num_threads(1)
+    index = faiss.IndexHNSWFlat(DIM, m)
+    index.hnsw.efConstruction = efc
+    t0 = time.perf_counter()
+    index.add(base)
+    build_s = time.perf_counter() - t0
+    sweep = []
+    for ef in EF_SEARCH:
+        index.hnsw.efSearch = ef
+        found, qps = timed_queries(lambda q: index.search(q[None], K)[1][0], queries)
+        sweep.append({"ef_search": ef, "recall_at_10": round(recall(found, truth), 4), "queries_per_s": round(qps)})
+    return {"M": m, "ef_construction": efc, "n": n, "build_s": round(build_s, 2),
+            "serialized_mb": round(common.mb(len(faiss.serialize_index(index))), 1), "sweep": sweep}
+
+
 def child_vaepipe(kind: str, n: int) -> dict:
     """pipeline.index's own index (what ``vaepipe index`` builds), through its public API."""
     from pipeline.index import VectorIndex
@@ -217,10 +241,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--factory", default=None, help="instead: a raw faiss IVF index_factory string, e.g. "
                     "IVF4096,PQ16x4fs,RFlat (IVF-PQ with exact re-ranking), swept over --params")
     ap.add_argument("--params", default="256:16,512:16,512:32,1024:32", help="--factory sweep: nprobe:k_factor,...")
+    ap.add_argument("--graph", default=None, metavar="M:EFC,...",
+                    help="instead: raw faiss HNSW builds at these M:efConstruction, e.g. 32:64,32:200")
     ap.add_argument("--quick", action="store_true", help="smoke run at 20k vectors")
     args = ap.parse_args(argv)
     n = 20_000 if args.quick else args.n or (100_000 if args.compare else 1_000_000)
-    if args.compare:
+    if args.graph:
+        rows = [run("child-graph", c, n) for c in args.graph.split(",")]
+        print(f"\nfaiss HNSW by build effort, N={n:,} x {DIM} N(0, I), one thread, one query per call")
+        print(common.table([[r["M"], r["ef_construction"], r["build_s"], r["serialized_mb"],
+                             " ".join(f"{s['ef_search']}:{s['recall_at_10']}/{s['queries_per_s']}" for s in r["sweep"])]
+                            for r in rows], ["M", "efConstruction", "build s", "size MB",
+                                             "efSearch:recall@10/queries per s"]))
+        out = common.RESULTS / (f"index_graph-{n // 1000}k" + ("-quick" if args.quick else "") + ".json")
+    elif args.compare:
         rows = [run("child-lib", lib, n) for lib in args.libraries.split(",")]
         print(f"\nANN libraries, N={n:,} x {DIM} N(0, I), HNSW M=16 efConstruction=100, one thread")
         print(common.table([[r["library"], r["build_s"], r["peak_rss_mb"], r["serialized_mb"],
@@ -256,7 +290,8 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1].startswith("child-"):
-        fn = {"child-lib": child_lib, "child-vaepipe": child_vaepipe, "child-factory": child_factory}[sys.argv[1]]
+        fn = {"child-lib": child_lib, "child-vaepipe": child_vaepipe, "child-factory": child_factory,
+              "child-graph": child_graph}[sys.argv[1]]
         print(json.dumps(fn(sys.argv[2], int(sys.argv[3]))), flush=True)
     else:
         main()

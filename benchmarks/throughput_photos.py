@@ -12,8 +12,11 @@ variant one process with one torch thread (the other core is left to whoever sha
      --direct_running_mode=in_memory --torch-threads 1``): the process doing the work is the
      ``vaepipe`` process itself, so its kernel peak RSS is the worker RSS.
 
-c runs again at larger N (``--rss-sizes``) to show its RSS is flat. images/s is N / wall time of the
-whole command (interpreter start to exit); variants are interleaved (order reversed every other
+  c-none  (``--score-none``) c with ``--score none``: the encoder only, the embedding-only fast path.
+
+c runs again at larger N (``--rss-sizes``) to show its RSS is flat: its RSS is sampled every 2 s,
+and the median per tenth of the run shows whether it grows (a leak) or only swings (a bounded heap).
+images/s is N / wall time of the whole command (interpreter start to exit); variants are interleaved (order reversed every other
 repeat) and medians reported, with paired ratios (k-th run of c against the k-th run of b).
 
 Data: ``photoset.py sources --side 1000 --n 200`` (JPEG q90, short side ~1000 px), written five
@@ -191,15 +194,17 @@ def command(variant: str, n: int, data: str, out: str, ck: str, bs: int) -> list
         return [*me, "child-model", *common_args]
     if variant == "b":
         return [*me, "child-bare", *common_args, "--out", out]
-    if variant == "c":
+    if variant in ("c", "c-none"):
         return [str(common.VENV_BIN / "vaepipe"), "embed", data, "--checkpoint", ck, "--out", out,
-                "--batch-size", str(bs), "--no-report", *BEAM]
+                "--batch-size", str(bs), "--no-report", *BEAM, *(["--score", "none"] if variant == "c-none" else [])]
     raise ValueError(variant)
 
 
 def measure(variant: str, n: int, data: str, ck: str, bs: int) -> dict:
     out = str(common.BENCH / "out" / f"photos-{variant}-{uuid.uuid4().hex[:8]}")
-    r = common.run_child(command(variant, n, data, out, ck, bs), env={"OMP_NUM_THREADS": "1"}, timeout=3600)
+    r = common.run_child(command(variant, n, data, out, ck, bs), env={"OMP_NUM_THREADS": "1"}, timeout=7200,
+                         trace_every=2.0 if variant == "c" else None)
+    trace = r.pop("rss_trace", None)
     info = common.last_json(r.pop("stdout"))
     images = info.get("images") or (info.get("totals") or {}).get("images_seen")
     work = info.get("work_s") or info.get("seconds")
@@ -208,6 +213,8 @@ def measure(variant: str, n: int, data: str, ck: str, bs: int) -> dict:
            "img_s_work": n / work if work and r["rc"] == 0 else None,
            "cpu_ms_per_img": 1000 * r["cpu_s"] / n, "load_avg": common.load_average(),
            **{k: v for k, v in info.items() if k.startswith("decode_ms")}}
+    if trace:
+        row |= rss_over_time(trace)
     if images is not None and images != n:
         row["error"] = f"expected {n} images, got {images}"
         common.log(row["error"])
@@ -216,6 +223,25 @@ def measure(variant: str, n: int, data: str, ck: str, bs: int) -> dict:
                f"work img/s={row['img_s_work'] or 0:6.1f} cpu={row['cpu_ms_per_img']:.2f}ms/img "
                f"peak RSS={r['maxrss_mb']}MB rc={r['rc']}")
     return row
+
+
+def rss_over_time(trace: list) -> dict:
+    """The process's RSS over the run (``common.TreeRSS`` samples every 2 s): median and max MB in
+    each tenth of the samples taken once the model is loaded (RSS above half its run median),
+    and the steady-state growth: the last tenth's median over the second tenth's (the first holds
+    the start-up ramp). A leak shows as a ratio above 1; a bounded heap as ~1 with a noisy max."""
+    rss = [t[1] for t in trace]
+    if len(rss) < 20:
+        return {}
+    half = sorted(rss)[len(rss) // 2] / 2
+    work = [v for v in rss if v > half]
+    k = len(work)
+    tenths = [work[i * k // 10:(i + 1) * k // 10] for i in range(10)]
+    med = [sorted(t)[len(t) // 2] for t in tenths]
+    step = max(1, len(trace) // 400)
+    return {"rss_tenths_median_mb": med, "rss_tenths_max_mb": [max(t) for t in tenths],
+            "rss_steady_growth": round(med[-1] / med[1], 3), "rss_trace_every_s": 2.0 * step,
+            "rss_trace_mb": [t[1] for t in trace[::step]]}
 
 
 def summarize(rows: list[dict], n: int) -> dict:
@@ -233,10 +259,10 @@ def summarize(rows: list[dict], n: int) -> dict:
         p, q = pv[x][key], pv[y][key]
         return round(p / q, 3) if p and q else None
 
-    ratios = {f"{x}/{y} ({k})": ratio(x, y, k) for x, y in (("c", "b"), ("c", "a"), ("b", "a"))
-              for k in ("img_s", "img_s_work")}
+    pairs = (("c", "b"), ("c", "a"), ("b", "a"), *((("c-none", "c"),) if "c-none" in pv else ()))
+    ratios = {f"{x}/{y} ({k})": ratio(x, y, k) for x, y in pairs for k in ("img_s", "img_s_work", "cpu_ms_per_img")}
     paired = {}
-    for x, y in (("c", "b"), ("c", "a")):
+    for x, y in (("c", "b"), ("c", "a"), *((("c-none", "c"),) if "c-none" in pv else ())):
         rx = [r["img_s"] for r in ok if r["variant"] == x and r["n"] == n]
         ry = [r["img_s"] for r in ok if r["variant"] == y and r["n"] == n]
         per = [round(p / q, 3) for p, q in zip(rx, ry)]
@@ -245,12 +271,21 @@ def summarize(rows: list[dict], n: int) -> dict:
     rss = {v: {s: med(v, "maxrss_mb", s) for s in sizes} for v in ("c", "b")}
     cs = [x for x in rss["c"].values() if x]
     cb = paired["c/b"]["median"] or ratios["c/b (img_s)"]
+    largest = [r for r in ok if r["variant"] == "c" and r["n"] == max(sizes, default=n) and "rss_steady_growth" in r]
+    growth = largest[-1]["rss_steady_growth"] if largest else None
     targets = {"c/b": {"target": TARGETS["c/b"], "value": cb, "met": cb is not None and cb >= TARGETS["c/b"]},
                "worker_rss": {"target_mb": TARGETS["worker_rss_mb"], "max_mb": max(cs, default=None),
                               "growth_smallest_to_largest_mb": round(max(cs) - min(cs), 1) if len(cs) > 1 else None,
                               "sizes": sizes,
-                              "met": bool(cs) and max(cs) <= TARGETS["worker_rss_mb"] and max(cs) <= 1.1 * min(cs)}}
-    return {"per_variant": pv, "ratios": ratios, "paired_ratios": paired, "rss_by_size_mb": rss, "targets": targets}
+                              # flat: the largest run's RSS in its last tenth within 10% of its second tenth's,
+                              # and the peaks of every N within 10% of each other
+                              "steady_growth_at_largest_n": growth,
+                              "met": bool(cs) and max(cs) <= TARGETS["worker_rss_mb"] and max(cs) <= 1.1 * min(cs)
+                              and growth is not None and growth <= 1.1}}
+    over_time = [{"n": r["n"], "batch_size_variant": r["variant"], "median": r["rss_tenths_median_mb"],
+                  "max": r["rss_tenths_max_mb"], "growth": r["rss_steady_growth"]} for r in ok if "rss_steady_growth" in r]
+    return {"per_variant": pv, "ratios": ratios, "paired_ratios": paired, "rss_by_size_mb": rss,
+            "rss_over_time": over_time, "targets": targets}
 
 
 def print_report(summary: dict, n: int) -> None:
@@ -265,6 +300,9 @@ def print_report(summary: dict, n: int) -> None:
                        ["paired", "per repeat", "median"]))
     sizes = summary["targets"]["worker_rss"]["sizes"]
     print("peak RSS by N (MB): " + json.dumps(summary["rss_by_size_mb"]))
+    for r in summary.get("rss_over_time", []):
+        print(f"  c at N={r['n']}: RSS median by tenth of the run {r['median']} MB, max {r['max']}, "
+              f"last/second tenth {r['growth']}")
     print(common.table([[v, *[summary["rss_by_size_mb"][v].get(s) for s in sizes]] for v in ("c", "b")],
                        ["variant", *map(str, sizes)]))
     for k, t in summary["targets"].items():
@@ -280,6 +318,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=64,
                     help="64: a 64 px logistic-mixture batch of 256 peaks at ~3 GB in score_batch alone")
     ap.add_argument("--big-batch", type=int, default=256, help="one more c run at this batch size (its RSS); 0: none")
+    ap.add_argument("--score-none", action="store_true",
+                    help="also c-none: vaepipe embed --score none (encoder only), interleaved with c (issue 15's ratio)")
+    ap.add_argument("--variants", default="a,b,c", help="the interleaved variants (a, b, c; c-none with --score-none)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1000 images, 1 repeat, RSS at 2000")
     ap.add_argument("--out", default=None)
     ap.add_argument("--resummarize", metavar="JSON", help="recompute the summary of an earlier results file")
@@ -299,7 +340,8 @@ def main(argv: list[str] | None = None) -> None:
     if others:
         common.log("other busy processes on this machine: " + "; ".join(others))
     rows: list[dict] = []
-    plan = [(v, n, args.batch_size) for rep in range(args.repeats) for v in (("a", "b", "c"), ("c", "b", "a"))[rep % 2]]
+    order = [v for v in args.variants.split(",") if v] + (["c-none"] if args.score_none else [])
+    plan = [(v, n, args.batch_size) for rep in range(args.repeats) for v in (order, order[::-1])[rep % 2]]
     plan += [("c", s, args.batch_size) for s in sizes] + ([("c", n, args.big_batch)] if args.big_batch else [])
     for v, size, bs in plan:
         row = measure(v, size, data[size], args.checkpoint, bs)

@@ -452,10 +452,14 @@ def index_cmd(latents_url: str, index_url: str, metric: str | None, kind: str | 
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1, 10000), help="Neighbours.")
 @click.option("--checkpoint", default=None, help="Checkpoint to encode --image with (default: the index's).")
 @click.option("--grid", default=None, help="Also write the query and its neighbours as a PNG here.")
+@click.option("--ef-search", default=None, type=int,
+              help="hnsw: candidates kept per query (default: the index's, 160 for new indexes); more is slower, "
+                   "higher recall.")
+@click.option("--nprobe", default=None, type=int, help="ivf: lists scanned per query (default: the index's).")
 @storage_option
 @handle_errors
 def search_cmd(index_url: str, image: str | None, key: str | None, k: int, checkpoint: str | None,
-               grid: str | None, storage_options: str | None) -> None:
+               grid: str | None, ef_search: int | None, nprobe: int | None, storage_options: str | None) -> None:
     """Print the nearest stored rows as JSON lines (key, distance, label, anomaly_score).
 
     \b
@@ -467,7 +471,7 @@ def search_cmd(index_url: str, image: str | None, key: str | None, k: int, check
     if (image is None) == (key is None):
         raise click.UsageError("give one of --image and --key")
     for hit in search(index_url, image=image, key=key, k=k, checkpoint=checkpoint, grid=grid,
-                      storage_options=_so(storage_options)):
+                      storage_options=_so(storage_options), ef_search=ef_search, nprobe=nprobe):
         click.echo(json.dumps(hit.to_dict()))
 
 

@@ -11,12 +11,18 @@ from vae_model.storage import StorageOptions, read_bytes
 
 def search(index_url: str, image: str | None = None, key: str | None = None, k: int = 10,
            checkpoint: str | None = None, grid: str | None = None,
-           storage_options: StorageOptions = None) -> list[Hit]:
+           storage_options: StorageOptions = None, ef_search: int | None = None,
+           nprobe: int | None = None) -> list[Hit]:
     """Query the index at ``index_url`` with an image file/URL (encoded with the index's model) or a
-    stored row's key (that row comes first); with ``grid``, write the query and its neighbours as a PNG."""
+    stored row's key (that row comes first); with ``grid``, write the query and its neighbours as a PNG.
+    ``ef_search`` (hnsw) / ``nprobe`` (ivf): this query's search effort instead of the index's stored one."""
     if (image is None) == (key is None):
         raise ValueError("give one of an image or a key")
     index = open_index(index_url, checkpoint, storage_options)
+    if ef_search is not None:
+        index.index.ef_search = ef_search
+    if nprobe is not None:
+        index.index.nprobe = nprobe
     if key is not None:
         hits = index.search_key(key, k)
     else:

@@ -203,6 +203,12 @@ def test_search_by_image_encodes_with_the_index_model(latents, fashion_shards, t
     assert [json.loads(line)["key"] for line in res.output.splitlines()][0] == key
     assert Image.open(grid).size == (3 * 30 + 2, 32)  # query + the 2 other neighbours
 
+    res = CliRunner().invoke(cli, ["search", index_url, "--key", key, "-k", "3", "--ef-search", "12"])
+    assert res.exit_code == 0 and json.loads(res.output.splitlines()[0])["key"] == key
+    res = CliRunner().invoke(cli, ["search", index_url, "--key", key, "--nprobe", "4"])
+    assert res.exit_code != 0 and "nprobe is a setting of ivf indexes" in res.output
+    assert "Traceback" not in res.output
+
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])
 def test_index_on_seaweedfs(latents, fashion_shards, s3_bucket, s3_server, kind):
