@@ -125,6 +125,7 @@ class ShardEmbedder:
             log.warning("checkpoint has no validation quantiles for score %r: anomaly_percentile and is_anomaly "
                         "will be null", opts.score)
         self.run_date = dt.date.fromisoformat(opts.run_date) if opts.run_date else None
+        self.heap = HeapWatch()  # score_rows' callers (Beam's RunInference) stream with no shard ends to trim at
         self.output_key, settings = output_key(opts, self.ckpt.model_id, calibration_id(self.ckpt.meta),
                                                self.score_opts.precision)
         self.file_meta = {
@@ -258,7 +259,9 @@ class ShardEmbedder:
     def score_rows(self, batch: list[BatchItem], shards: list[str | None]) -> pa.RecordBatch:
         """Score decoded images and build their rows (:meth:`record_batch`): one call per batch, so
         that a model shared across processes (a proxy, :mod:`pipeline.handler`) costs one round trip."""
-        return self.record_batch(batch, shards, self._score(np.stack([b.pixels for b in batch])))
+        rows = self.record_batch(batch, shards, self._score(np.stack([b.pixels for b in batch])))
+        self.heap.check()
+        return rows
 
     def _score(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         """The scores of uint8 images (B, C, H, W) (:func:`vae_model.scoring.score_batch`)."""
