@@ -60,24 +60,24 @@ def ensure_sources() -> Path:
     return SOURCES
 
 
-def photo_set(n: int) -> Path:
-    """A folder of ``n // 1000`` tar shards of ~1000 px JPEGs (hard links to one 1000-image shard)."""
-    if n % SHARD:
-        raise SystemExit(f"--images/--rss-sizes must be multiples of {SHARD}")
+def photo_set(n: int, shard: int = SHARD) -> Path:
+    """A folder of ``n // shard`` tar shards of ~1000 px JPEGs (hard links to one ``shard``-image shard)."""
+    if n % shard:
+        raise SystemExit(f"--images/--rss-sizes must be multiples of --shard-size {shard}")
     src = sorted(ensure_sources().glob("*.jpg"))
 
     def base(d: Path) -> None:
         with tarfile.open(d / "base.tar", "w") as tf:
-            for i in range(SHARD):
+            for i in range(shard):
                 tf.add(src[i % len(src)], arcname=f"r{i // len(src)}-{src[i % len(src)].name}")
 
-    one = common.build_once(SETS / "base", base) / "base.tar"
+    one = common.build_once(SETS / ("base" if shard == SHARD else f"base{shard}"), base) / "base.tar"
 
     def link(d: Path) -> None:
-        for i in range(n // SHARD):
+        for i in range(n // shard):
             os.link(one, d / f"shard-{i:06d}.tar")
 
-    return common.build_once(SETS / f"n{n}", link)
+    return common.build_once(SETS / (f"n{n}" if shard == SHARD else f"n{n}-s{shard}"), link)
 
 
 # --------------------------------------------------------------------------- children (one per measurement)
@@ -321,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--score-none", action="store_true",
                     help="also c-none: vaepipe embed --score none (encoder only), interleaved with c (issue 15's ratio)")
     ap.add_argument("--variants", default="a,b,c", help="the interleaved variants (a, b, c; c-none with --score-none)")
+    ap.add_argument("--shard-size", type=int, default=SHARD,
+                    help="images per tar shard (e.g. 10000: one big shard, the in-shard heap trim's case)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1000 images, 1 repeat, RSS at 2000")
     ap.add_argument("--out", default=None)
     ap.add_argument("--resummarize", metavar="JSON", help="recompute the summary of an earlier results file")
@@ -335,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
         args.images, args.rss_sizes, args.repeats = 1000, "2000", 1
     out = Path(args.out or common.RESULTS / f"throughput-photos{'-quick' if args.quick else ''}.json")
     n, sizes = args.images, [int(s) for s in args.rss_sizes.split(",") if s]
-    data = {s: str(photo_set(s)) for s in [n, *sizes]}
+    data = {s: str(photo_set(s, args.shard_size)) for s in [n, *sizes]}
     started, t_all, others = time.strftime("%Y-%m-%dT%H:%M:%S"), time.perf_counter(), common.busy_others()
     if others:
         common.log("other busy processes on this machine: " + "; ".join(others))
@@ -348,7 +350,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row | ({"variant": f"c-bs{bs}"} if bs != args.batch_size else {}))
         result = {"started": started, "seconds": round(time.perf_counter() - t_all, 1), "images": n,
                   "checkpoint": args.checkpoint, "batch_size": args.batch_size, "cpus": os.cpu_count(),
-                  "source": "photoset.py sources --side 1000 --n 200 (JPEG q90), repeated into 1000-image shards",
+                  "source": f"photoset.py sources --side 1000 --n 200 (JPEG q90), repeated into {args.shard_size}-image "
+                            "shards", "heap_slack_mb_env": os.environ.get("VAEPIPE_HEAP_SLACK_MB"),
                   "busy_other_processes_at_start": others, "argv": sys.argv, "quick": args.quick,
                   "complete": len(rows) == len(plan), "summary": summarize(rows, n), "runs": rows}
         common.write_json(out, result)  # after every run: a run cut short keeps what it measured
