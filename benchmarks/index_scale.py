@@ -221,6 +221,13 @@ def child_factory(spec: str, n: int) -> dict:
 # --------------------------------------------------------------------------- parent
 
 
+def sweep_table(rows: list[dict], keys: list[str], headers: list[str]) -> str:
+    """One line per build: its ``keys`` columns, then its efSearch sweep as ef:recall/queries-per-s."""
+    return common.table([[*(r[k] for k in keys),
+                          " ".join(f"{s['ef_search']}:{s['recall_at_10']}/{s['queries_per_s']}" for s in r["sweep"])]
+                         for r in rows], [*headers, "efSearch:recall@10/queries per s"])
+
+
 def run(mode: str, name: str, n: int, env: dict[str, str] | None = None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), mode, name, str(n)]
     r = common.run_child(cmd, env={"OMP_NUM_THREADS": "1", **(env or {})}, timeout=1800)
@@ -249,18 +256,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.graph:
         rows = [run("child-graph", c, n) for c in args.graph.split(",")]
         print(f"\nfaiss HNSW by build effort, N={n:,} x {DIM} N(0, I), one thread, one query per call")
-        print(common.table([[r["M"], r["ef_construction"], r["build_s"], r["serialized_mb"],
-                             " ".join(f"{s['ef_search']}:{s['recall_at_10']}/{s['queries_per_s']}" for s in r["sweep"])]
-                            for r in rows], ["M", "efConstruction", "build s", "size MB",
-                                             "efSearch:recall@10/queries per s"]))
+        print(sweep_table(rows, ["M", "ef_construction", "build_s", "serialized_mb"],
+                          ["M", "efConstruction", "build s", "size MB"]))
         out = common.RESULTS / (f"index_graph-{n // 1000}k" + ("-quick" if args.quick else "") + ".json")
     elif args.compare:
         rows = [run("child-lib", lib, n) for lib in args.libraries.split(",")]
         print(f"\nANN libraries, N={n:,} x {DIM} N(0, I), HNSW M=16 efConstruction=100, one thread")
-        print(common.table([[r["library"], r["build_s"], r["peak_rss_mb"], r["serialized_mb"],
-                             " ".join(f"{s['ef_search']}:{s['recall_at_10']}/{s['queries_per_s']}" for s in r["sweep"])]
-                            for r in rows], ["library", "build s", "peak RSS MB", "size MB",
-                                             "efSearch:recall@10/queries per s"]))
+        print(sweep_table(rows, ["library", "build_s", "peak_rss_mb", "serialized_mb"],
+                          ["library", "build s", "peak RSS MB", "size MB"]))
         out = common.RESULTS / ("index_compare-quick.json" if args.quick else "index_compare.json")
     else:
         kinds = [args.factory] if args.factory else args.kinds.split(",")

@@ -180,11 +180,15 @@ class VectorIndex:
 
     @ef_search.setter
     def ef_search(self, value: int) -> None:
-        if self.kind != "hnsw":
-            raise VectorIndexError(f"ef_search is a setting of hnsw indexes; this one is {self.kind}")
+        self.faiss_index.hnsw.efSearch = self._effort("ef_search", "hnsw", value)
+
+    def _effort(self, name: str, kind: str, value: int) -> int:
+        """A query-time search setting of ``kind`` indexes, checked: at least 1, and on the right kind."""
+        if self.kind != kind:
+            raise VectorIndexError(f"{name} is a setting of {kind} indexes; this one is {self.kind}")
         if int(value) < 1:
-            raise VectorIndexError(f"ef_search {value}: must be at least 1")
-        self.faiss_index.hnsw.efSearch = int(value)
+            raise VectorIndexError(f"{name} {value}: must be at least 1")
+        return int(value)
 
     @property
     def nlist(self) -> int | None:
@@ -197,11 +201,7 @@ class VectorIndex:
 
     @nprobe.setter
     def nprobe(self, value: int) -> None:
-        if self.kind != "ivf":
-            raise VectorIndexError(f"nprobe is a setting of ivf indexes; this one is {self.kind}")
-        if int(value) < 1:
-            raise VectorIndexError(f"nprobe {value}: must be at least 1")
-        self.faiss_index.nprobe = int(value)
+        self.faiss_index.nprobe = self._effort("nprobe", "ivf", value)
 
     @property
     def trained(self) -> bool:
