@@ -13,8 +13,9 @@ freed memory stays mapped to the process: long-running loops call :func:`release
 between units of work (the pipeline does after each shard), and :class:`HeapWatch` inside
 one when the resident size has grown (a shard of any size: holes that variable-sized
 buffers, such as encoded photos and their decodes, leave in the heap otherwise ratchet the
-resident size up batch after batch). Together they keep the resident size flat however many
-batches a process runs. Off with ``VAEPIPE_TUNE_MALLOC=0``; a no-op where the C library is not
+resident size up batch after batch). Together they keep the resident size flat over any number
+of shards of ~1,000 photos and halve its creep inside one very large shard (BENCHMARKS.md,
+"Photos: throughput"). Off with ``VAEPIPE_TUNE_MALLOC=0``; a no-op where the C library is not
 glibc.
 
 :func:`skip_exit_gc`: with torch and Beam imported, the interpreter's last garbage collection at
@@ -90,8 +91,10 @@ class HeapWatch:
 
     def __init__(self, slack: int | None = None) -> None:
         if slack is None:
-            env = os.environ.get("VAEPIPE_HEAP_SLACK_MB")
-            slack = int(float(env) * 2 ** 20) if env else HEAP_SLACK
+            try:
+                slack = int(float(os.environ["VAEPIPE_HEAP_SLACK_MB"]) * 2 ** 20)
+            except (KeyError, ValueError):  # unset or not a number: the default
+                slack = HEAP_SLACK
         self.slack = slack
         self.working_set: int | None = None
         self.trims = 0
