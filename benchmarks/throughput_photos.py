@@ -12,7 +12,7 @@ variant one process with one torch thread (the other core is left to whoever sha
      --direct_running_mode=in_memory --torch-threads 1``): the process doing the work is the
      ``vaepipe`` process itself, so its kernel peak RSS is the worker RSS.
 
-  c-none  (``--score-none``) c with ``--score none``: the encoder only, the embedding-only fast path.
+  c-none  (``--variants ...,c-none``) c with ``--score none``: the encoder only, the embedding-only fast path.
 
 c runs again at larger N (``--rss-sizes``) to show its RSS is flat: its RSS is sampled every 2 s,
 and the median per tenth of the run shows whether it grows (a leak) or only swings (a bounded heap).
@@ -47,6 +47,7 @@ TARGETS = {"c/b": 1.0, "worker_rss_mb": 1536}
 SOURCES = common.BENCH / "src1000"
 SETS = common.BENCH / "photo-sets"
 SHARD = 1000
+TRACE_EVERY = 2.0  # seconds between RSS samples of the c runs
 BEAM = ["--direct_num_workers=1", "--direct_running_mode=in_memory", "--torch-threads", "1"]
 
 
@@ -203,7 +204,7 @@ def command(variant: str, n: int, data: str, out: str, ck: str, bs: int) -> list
 def measure(variant: str, n: int, data: str, ck: str, bs: int) -> dict:
     out = str(common.BENCH / "out" / f"photos-{variant}-{uuid.uuid4().hex[:8]}")
     r = common.run_child(command(variant, n, data, out, ck, bs), env={"OMP_NUM_THREADS": "1"}, timeout=7200,
-                         trace_every=2.0 if variant == "c" else None)
+                         trace_every=TRACE_EVERY if variant == "c" else None)
     trace = r.pop("rss_trace", None)
     info = common.last_json(r.pop("stdout"))
     images = info.get("images") or (info.get("totals") or {}).get("images_seen")
@@ -226,7 +227,7 @@ def measure(variant: str, n: int, data: str, ck: str, bs: int) -> dict:
 
 
 def rss_over_time(trace: list) -> dict:
-    """The process's RSS over the run (``common.TreeRSS`` samples every 2 s): median and max MB in
+    """The process's RSS over the run (``common.TreeRSS`` samples every TRACE_EVERY s): median and max MB in
     each tenth of the samples taken once the model is loaded (RSS above half its run median),
     and the steady-state growth: the last tenth's median over the second tenth's (the first holds
     the start-up ramp). A leak shows as a ratio above 1; a bounded heap as ~1 with a noisy max."""
@@ -237,10 +238,10 @@ def rss_over_time(trace: list) -> dict:
     work = [v for v in rss if v > half]
     k = len(work)
     tenths = [work[i * k // 10:(i + 1) * k // 10] for i in range(10)]
-    med = [sorted(t)[len(t) // 2] for t in tenths]
+    med = [common.median(t) for t in tenths]
     step = max(1, len(trace) // 400)
     return {"rss_tenths_median_mb": med, "rss_tenths_max_mb": [max(t) for t in tenths],
-            "rss_steady_growth": round(med[-1] / med[1], 3), "rss_trace_every_s": 2.0 * step,
+            "rss_steady_growth": round(med[-1] / med[1], 3), "rss_trace_every_s": TRACE_EVERY * step,
             "rss_trace_mb": [t[1] for t in trace[::step]]}
 
 
@@ -259,10 +260,11 @@ def summarize(rows: list[dict], n: int) -> dict:
         p, q = pv[x][key], pv[y][key]
         return round(p / q, 3) if p and q else None
 
-    pairs = (("c", "b"), ("c", "a"), ("b", "a"), *((("c-none", "c"),) if "c-none" in pv else ()))
-    ratios = {f"{x}/{y} ({k})": ratio(x, y, k) for x, y in pairs for k in ("img_s", "img_s_work", "cpu_ms_per_img")}
+    none = (("c-none", "c"),) if "c-none" in pv else ()
+    ratios = {f"{x}/{y} ({k})": ratio(x, y, k) for x, y in (("c", "b"), ("c", "a"), ("b", "a"), *none)
+              for k in ("img_s", "img_s_work", "cpu_ms_per_img")}
     paired = {}
-    for x, y in (("c", "b"), ("c", "a"), *((("c-none", "c"),) if "c-none" in pv else ())):
+    for x, y in (("c", "b"), ("c", "a"), *none):
         rx = [r["img_s"] for r in ok if r["variant"] == x and r["n"] == n]
         ry = [r["img_s"] for r in ok if r["variant"] == y and r["n"] == n]
         per = [round(p / q, 3) for p, q in zip(rx, ry)]
@@ -282,7 +284,7 @@ def summarize(rows: list[dict], n: int) -> dict:
                               "steady_growth_at_largest_n": growth,
                               "met": bool(cs) and max(cs) <= TARGETS["worker_rss_mb"] and max(cs) <= 1.1 * min(cs)
                               and growth is not None and growth <= 1.1}}
-    over_time = [{"n": r["n"], "batch_size_variant": r["variant"], "median": r["rss_tenths_median_mb"],
+    over_time = [{"n": r["n"], "variant": r["variant"], "median": r["rss_tenths_median_mb"],
                   "max": r["rss_tenths_max_mb"], "growth": r["rss_steady_growth"]} for r in ok if "rss_steady_growth" in r]
     return {"per_variant": pv, "ratios": ratios, "paired_ratios": paired, "rss_by_size_mb": rss,
             "rss_over_time": over_time, "targets": targets}
@@ -318,9 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=64,
                     help="64: a 64 px logistic-mixture batch of 256 peaks at ~3 GB in score_batch alone")
     ap.add_argument("--big-batch", type=int, default=256, help="one more c run at this batch size (its RSS); 0: none")
-    ap.add_argument("--score-none", action="store_true",
-                    help="also c-none: vaepipe embed --score none (encoder only), interleaved with c (issue 15's ratio)")
-    ap.add_argument("--variants", default="a,b,c", help="the interleaved variants (a, b, c; c-none with --score-none)")
+    ap.add_argument("--variants", default="a,b,c",
+                    help="the interleaved variants: a, b, c and c-none (vaepipe embed --score none: issue 15's ratio)")
     ap.add_argument("--shard-size", type=int, default=SHARD,
                     help="images per tar shard (e.g. 10000: one big shard, the in-shard heap trim's case)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1000 images, 1 repeat, RSS at 2000")
@@ -342,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     if others:
         common.log("other busy processes on this machine: " + "; ".join(others))
     rows: list[dict] = []
-    order = [v for v in args.variants.split(",") if v] + (["c-none"] if args.score_none else [])
+    order = [v for v in args.variants.split(",") if v]
     plan = [(v, n, args.batch_size) for rep in range(args.repeats) for v in (order, order[::-1])[rep % 2]]
     plan += [("c", s, args.batch_size) for s in sizes] + ([("c", n, args.big_batch)] if args.big_batch else [])
     for v, size, bs in plan:

@@ -34,7 +34,7 @@ from vae_model.checkpoint_header import calibration_id
 from vae_model.device import pick_device, scoring_precision
 from vae_model.config import NO_SCORE
 from vae_model.errors import ImageDecodeError
-from vae_model.runtime import HeapWatch, release_memory
+from vae_model.runtime import HeapWatch
 from vae_model.scoring import ScoreOptions, for_scoring, score_batch
 from vae_model.storage import join, remove_if_exists
 
@@ -125,7 +125,9 @@ class ShardEmbedder:
             log.warning("checkpoint has no validation quantiles for score %r: anomaly_percentile and is_anomaly "
                         "will be null", opts.score)
         self.run_date = dt.date.fromisoformat(opts.run_date) if opts.run_date else None
-        self.heap = HeapWatch()  # score_rows' callers (Beam's RunInference) stream with no shard ends to trim at
+        # trims the heap after any batch once it has grown (_score), and between shards: a bounded resident size in
+        # shards of any size and on RunInference's stream (score_rows), which has no shard ends
+        self.heap = HeapWatch()
         self.output_key, settings = output_key(opts, self.ckpt.model_id, calibration_id(self.ckpt.meta),
                                                self.score_opts.precision)
         self.file_meta = {
@@ -230,12 +232,11 @@ class ShardEmbedder:
         # encoded image bytes read, seconds decoding (the prefetch thread) and scoring: Beam metrics
         self._work = {"bytes_read": 0, "decode_seconds": 0.0, "score_seconds": 0.0}
         writer = AtomicParquetWriter(self.rows_url(spec), self.schema, so)
-        heap = HeapWatch()  # bounded resident size inside a shard of any size, not only between shards
+        trims = self.heap.trims
         try:
             for batch in _Prefetch(self._decoded(spec, errors, tally)):
                 for part, s in self._scored(spec, batch, errors):
                     writer.write(self._record_batch(spec, part, s))
-                heap.check()
             # members: what the shard contains, counted by the reader; reconciled against rows + errors
             counts = {"members": tally.members, "images_seen": writer.rows + len(errors), "rows": writer.rows,
                       "errors": len(errors)}
@@ -247,25 +248,25 @@ class ShardEmbedder:
             writer.abort()
             raise
         finally:
-            release_memory()  # the shard's freed batches go back to the kernel: flat RSS over many shards
+            self.heap.release()  # the shard's freed batches go back to the kernel: flat RSS over many shards
         secs = time.monotonic() - t0
         log.info("shard %s: %d rows, %d errors in %.2fs (%.0f img/s)", spec.name, counts["rows"], counts["errors"],
                  secs, counts["images_seen"] / max(secs, 1e-9))
         return {"shard": spec.name, "output": self.rows_url(spec), **counts, "skipped": False,
                 "started_at": started, "seconds": round(secs, 4), "pid": os.getpid(),
-                **{k: round(v, 4) for k, v in self._work.items()}, "heap_trims": heap.trims,
+                **{k: round(v, 4) for k, v in self._work.items()}, "heap_trims": self.heap.trims - trims,
                 "dead_letters": dict(collections.Counter(e["error_type"] for e in errors))}
 
     def score_rows(self, batch: list[BatchItem], shards: list[str | None]) -> pa.RecordBatch:
         """Score decoded images and build their rows (:meth:`record_batch`): one call per batch, so
         that a model shared across processes (a proxy, :mod:`pipeline.handler`) costs one round trip."""
-        rows = self.record_batch(batch, shards, self._score(np.stack([b.pixels for b in batch])))
-        self.heap.check()
-        return rows
+        return self.record_batch(batch, shards, self._score(np.stack([b.pixels for b in batch])))
 
     def _score(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         """The scores of uint8 images (B, C, H, W) (:func:`vae_model.scoring.score_batch`)."""
-        return score_batch(self.ckpt.model, pixels, None, self.score_opts, self.device)
+        scores = score_batch(self.ckpt.model, pixels, None, self.score_opts, self.device)
+        self.heap.check()
+        return scores
 
     def _scored(self, spec: ShardSpec, batch: list[BatchItem], errors: list[dict]
                 ) -> Iterator[tuple[list[BatchItem], dict]]:

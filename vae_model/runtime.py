@@ -111,10 +111,15 @@ class HeapWatch:
             return False
         if rss <= self.working_set + self.slack:
             return False
-        release_memory()
-        self.working_set = None  # re-measured at the next check, once the next batch has run
+        self.release()
         self.trims += 1
         return True
+
+    def release(self) -> None:
+        """Trim the heap now (:func:`release_memory`, e.g. between units of work); the working set is
+        measured again at the next check, once the next batch has run."""
+        release_memory()
+        self.working_set = None
 
 
 def skip_exit_gc() -> bool:
