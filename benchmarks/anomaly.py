@@ -31,8 +31,9 @@ Cases (normal vs anomalous), each with a fixed half, decided before any result w
              blur, contrast, brightness, occlusion, geometry, mixing, JPEG, ...; up to 3
              severities); the kinds, sorted by name, alternate between the halves (dev first).
 Scores: the single statistics (``elbo`` = -ELBO nats, ``complexity``, ``kde`` = -log KDE density of
-(-ELBO bits, coder bits), ``knn`` = m log r_1 of the posterior mean), ``typicality_v2`` (kde + knn,
-the previous recommended score), and the combined rules (``fisher``, ``tpm``, ``minp``: vae_model.combine);
+(-ELBO bits, coder bits), ``knn`` = m log r_1 of the posterior mean, ``knn10`` = m times the mean log
+distance to its 10 nearest reference latents), ``typicality_v2`` (kde + knn, the previous recommended
+score), and the combined rules (``fisher``, ``tpm``, ``minp``, ``hmp``, ``copula``: vae_model.combine);
 ``typicality`` is the column embed wrote (the checkpoint's rule). All are computed from the rows'
 columns and the checkpoint's stored reference, so one embed run per (model, data set) gives them
 all. AUROC, AUPRC, FPR at 95% TPR per case; the flag rate at several ``--threshold-quantile``
@@ -70,16 +71,19 @@ MNIST = Path("/tmp/mnist/package/data")
 HOLDOUT = tuple(range(10))
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
-SINGLE = ("elbo", "complexity", "kde", "knn")
+SINGLE = ("elbo", "complexity", "kde", "knn", "knn10")
 # Candidate combinations (rule, statistics): the design choice frozen on the development half.
 SUBSETS = (("nll_bits", "complexity", "kde", "knn"), ("nll_bits_2s", "complexity_2s", "kde", "knn"),
            ("complexity_2s", "kde", "knn"), ("complexity", "kde", "knn"), ("kde", "knn"),
            ("nll_bits", "complexity", "knn"), ("nll_bits_2s", "complexity_2s", "knn"), ("complexity", "knn"),
-           ("complexity_2s", "knn"))
+           ("complexity_2s", "knn"),
+           # since 2026-12-03: the 10-neighbour latent density in place of (or beside) the nearest neighbour's
+           ("nll_bits", "complexity", "kde", "knn10"), ("complexity", "kde", "knn10"), ("nll_bits", "complexity", "knn10"),
+           ("complexity", "knn10"), ("nll_bits", "complexity", "kde", "knn", "knn10"))
 # The copula reads -ELBO and the complexity both ways by itself: its subsets name the bases only.
 COPULA_SUBSETS = (("nll_bits", "complexity", "kde", "knn"), ("complexity", "kde", "knn"), ("nll_bits", "kde", "knn"),
                   ("kde", "knn"), ("nll_bits", "complexity", "knn"), ("complexity", "knn"))
-CANDIDATES = (tuple(f"{rule}:{'+'.join(uses)}" for rule in ("fisher", "tpm", "minp") for uses in SUBSETS)
+CANDIDATES = (tuple(f"{rule}:{'+'.join(uses)}" for rule in ("fisher", "tpm", "minp", "hmp") for uses in SUBSETS)
               + tuple(f"copula:{'+'.join(uses)}" for uses in COPULA_SUBSETS))
 SCORES = SINGLE + ("typicality_v2",) + CANDIDATES + ("typicality",)
 SHOWN = SINGLE + ("typicality_v2", "typicality")  # in the printed tables (every score is in the JSON)
@@ -269,6 +273,7 @@ def statistics(df: pd.DataFrame, ckpt: str) -> dict[str, np.ndarray]:
     lat = np.stack(df["embedding"].to_numpy()).astype(np.float64)
     st = ref.statistics(feats, lat)
     out = {"elbo": -df["elbo"].to_numpy(), "complexity": st["complexity"], "kde": st["kde"], "knn": st["knn"],
+           "knn10": st["knn10"],
            "typicality_v2": st["kde"] + st["knn"], "typicality": df["typicality"].to_numpy()}
     for cand in CANDIDATES:
         rule, uses = cand.split(":")

@@ -236,11 +236,11 @@ def train(data_url: str, out: str, val_url: str | None, val_fraction: float, epo
               help="Importance samples for the iwae score's quantiles.")
 @click.option("--seed", default=0, show_default=True)
 # the rules of vae_model.combine.RULES, listed here so that parsing flags imports no numpy (tests/test_cli.py)
-@click.option("--rule", type=click.Choice(["fisher", "tpm", "minp", "copula"]), default=None,
+@click.option("--rule", type=click.Choice(["fisher", "tpm", "minp", "hmp", "copula"]), default=None,
               help="How the typicality score combines its statistics (default fisher, the anomaly battery's choice: "
                    "README, 'Anomaly scores'); copula also flags images too typical for a statistic.")
 @click.option("--statistics", default=None, metavar="A,B,..",
-              help="Which statistics it combines, among nll_bits, complexity, kde, knn, nll_bits_2s, complexity_2s "
+              help="Which statistics it combines, among nll_bits, complexity, kde, knn, knn10, nll_bits_2s, complexity_2s "
                    "(default nll_bits,complexity,kde,knn).")
 @storage_option
 @handle_errors

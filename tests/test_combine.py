@@ -49,6 +49,9 @@ def test_combined_statistic_is_monotone_in_each_p_value(rule):
         assert (combine(smaller, rule) >= base - 1e-12).all()
     if rule == "fisher":  # strictly
         assert (combine(lp - 0.1 * np.eye(4)[0], rule) > base).all()
+    if rule == "hmp":  # strictly, and a soft minimum: between -log min p and it plus log K
+        assert (combine(lp - 0.1 * np.eye(4)[0], rule) > base).all()
+        assert (base >= -lp.min(1) - 1e-12).all() and (base <= -lp.min(1) + np.log(4) + 1e-12).all()
     if rule == "tpm":  # a p-value above the threshold counts for nothing: "too normal" does not lower it
         high = lp.copy()
         high[:, 0] = 0.0
@@ -145,3 +148,16 @@ def test_copula_on_reference_data_is_chi_square_like_and_subsets_are_their_own_f
                                rtol=0.1, atol=0.1)
     with pytest.raises(ValueError, match="finite"):
         Copula.fit(np.full((20, 2), np.nan))
+
+
+def test_harmonic_mean_rule_is_the_log_of_the_summed_inverse_p_values():
+    lp = np.log(np.array([[0.5, 0.25, 1.0], [1e-300, 1.0, 1.0], [1e-5, 1e-5, 1e-5]]))
+    np.testing.assert_allclose(combine(lp, "hmp"), np.log([2 + 4 + 1, 1e300 + 2, 3e5]), rtol=1e-12)
+    # far past float range (log p of -1e4) it stays finite and ordered
+    far = combine(np.array([[-1e4, 0.0], [-2e4, 0.0]]), "hmp")
+    assert np.isfinite(far).all() and far[1] > far[0]
+    # a statistic moved the other way (p = 1) costs less than under Fisher's sum: against the
+    # same normal image, the anomaly's score falls by at most log 2 (hmp) vs 2 * -log p_normal (Fisher)
+    normal = np.log(np.array([[0.01, 0.3]]))
+    wrong_way = np.log(np.array([[0.01, 1.0]]))
+    assert combine(normal, "hmp")[0] - combine(wrong_way, "hmp")[0] < np.log(2)

@@ -89,6 +89,31 @@ def test_latent_density_falls_with_distance_from_the_reference():
     assert np.isfinite(knn.score(knn.points[:1])).all()
 
 
+def test_ten_neighbour_latent_density_by_hand_and_leave_one_out():
+    from vae_model.typicality import K_NEAR
+
+    rng = np.random.default_rng(12)
+    knn = LatentKNN.fit(_subspace(400, 3, 8, rng))
+    z = _subspace(5, 3, 8, rng) + 0.5 * rng.normal(size=(5, 8))
+    one, many = knn.scores(z)
+    d = np.sort(np.sqrt(((z[:, None] - knn.points[None]) ** 2).sum(-1)), 1)
+    np.testing.assert_allclose(one, knn.score(z), rtol=1e-9)
+    np.testing.assert_allclose(many, knn.dim * np.log(d[:, :K_NEAR]).mean(1), rtol=1e-9)
+    # Leave-one-out: each reference point against the others, never itself.
+    lo_one, lo_many = knn.loo_scores()
+    np.testing.assert_allclose(lo_one, knn.loo_score(), rtol=1e-9)
+    i = 7
+    di = np.sort(np.sqrt(((knn.points[i] - np.delete(knn.points, i, 0)) ** 2).sum(-1)))
+    np.testing.assert_allclose(lo_many[i], knn.dim * np.log(di[:K_NEAR]).mean(), rtol=1e-9)
+    # Smoother than the nearest neighbour alone: less spread over new reference-like points
+    # relative to the gap between inside and outside points.
+    inside = _subspace(300, 3, 8, np.random.default_rng(13)) * 0.5
+    outside = inside + 2.0 * np.random.default_rng(14).normal(size=inside.shape)
+    sep = lambda a, b: (np.median(b) - np.median(a)) / np.std(a)  # noqa: E731
+    (i1, i10), (o1, o10) = knn.scores(inside), knn.scores(outside)
+    assert sep(i10, o10) > sep(i1, o1) > 0
+
+
 def test_typicality_adds_both_views_and_round_trips():
     rng = np.random.default_rng(5)
     feats, lat = _band(600, rng), _subspace(600, 3, 8, rng)
@@ -127,7 +152,7 @@ def _combined(rng, rule="fisher", n=1500, new=200):
     return ref, feats[n:], lat[n:]
 
 
-@pytest.mark.parametrize("rule", ["fisher", "tpm", "minp", "copula"])
+@pytest.mark.parametrize("rule", ["fisher", "tpm", "minp", "hmp", "copula"])
 def test_combined_score_is_calibrated_on_new_reference_images(rule):
     """-log10 p of new normal images: p ~ uniform (past tpm's atom), so a 1% threshold flags ~1%."""
     rng = np.random.default_rng(7)
@@ -175,6 +200,34 @@ def test_a_v3_reference_with_a_bad_tail_is_refused():
     del d["tails"]["kde"]
     with pytest.raises(ReferenceFormatError, match=r"tails.kde is missing"):
         TypicalityReference.from_dict(d)
+
+
+def test_a_reference_written_before_knn10_still_scores_and_refuses_to_use_it():
+    from vae_model.typicality import ReferenceFormatError
+
+    ref, feats, lat = _combined(np.random.default_rng(15), new=20)
+    d = ref.to_dict()
+    del d["tails"]["knn10"]  # what a checkpoint calibrated by the previous vaepipe stores
+    old = TypicalityReference.from_dict(d)
+    stored = TypicalityReference.from_dict(ref.to_dict())  # the same rounding of stored values
+    np.testing.assert_allclose(old.score(feats, lat), stored.score(feats, lat), rtol=1e-12)
+    with pytest.raises(ReferenceFormatError, match=r"uses \['knn10'\] without tails"):
+        TypicalityReference.from_dict({**d, "uses": ["nll_bits", "knn10"]})
+    with pytest.raises(ValueError, match="no tail model of knn10"):
+        old.combine_statistics(old.statistics(feats, lat), "fisher", ("knn10",))
+    with pytest.raises(ValueError, match="copula rule combines some of"):
+        TypicalityReference.fit(feats, lat, rule="copula", uses=("nll_bits", "knn10"))
+
+
+@pytest.mark.parametrize("rule", ["fisher", "hmp"])
+def test_a_score_over_knn10_round_trips(rule):
+    rng = np.random.default_rng(16)
+    feats, lat = _band(900, rng), _subspace(900, 3, 8, rng)
+    ref = TypicalityReference.fit(feats[:800], lat[:800], rule=rule, uses=("nll_bits", "complexity", "knn10"))
+    again = TypicalityReference.from_dict(ref.to_dict())
+    new_f, new_l = feats[800:], lat[800:]
+    np.testing.assert_allclose(again.score(new_f, new_l), ref.score(new_f, new_l), atol=1e-4)
+    assert (ref.score(new_f, new_l + 5.0) > ref.score(new_f, new_l)).mean() > 0.95  # far latents rank higher
 
 
 def test_the_combined_statistics_are_stored_and_checked():

@@ -20,12 +20,17 @@ the smaller tail, capped at 1.
               moves the *other* way (MNIST digits are more likely than clothes: their -ELBO p-value
               is ~1) costs it nothing, where Fisher's sum would pull it below the normal images.
   ``minp``    -log min_i p_i (the minimum p-value; Tippett / Sidak): strongest when one moves alone.
-The three are monotone in every p_i (Fisher strictly). Their nominal null distributions (chi-square with 2K degrees of
+  ``hmp``     log sum_i 1 / p_i (the harmonic mean p-value of Wilson 2019, as -log of it up to the
+              constant log K): a soft minimum p-value. One tiny p decides it as in ``minp``, several
+              small ones add up (less than in Fisher's sum), and a p near 1 adds 1 where a normal
+              image's adds 1/U (median 2, unbounded): a statistic an anomaly moves the other way
+              costs it little. Robust to dependence between the statistics (Wilson's point).
+The four are monotone in every p_i (Fisher and hmp strictly). Their nominal null distributions (chi-square with 2K degrees of
 freedom; Sidak's 1 - (1 - p)^K) assume independent statistics, which these are not (the ELBO and
 the complexity share a term), so the combined statistic is calibrated empirically instead: a
 second :class:`TailCDF` fitted on images that fitted nothing else gives its p-value.
 
-A fourth rule, ``copula``, is not a function of one-sided p-values but of where each statistic
+A fifth rule, ``copula``, is not a function of one-sided p-values but of where each statistic
 falls in its reference distribution, both ways and jointly (:class:`Copula`, in the spirit of
 DoSE, Morningstar et al. 2021): each statistic becomes its logistic score t = log F(s) - log(1 -
 F(s)) under its :class:`TailCDF` (0 at the reference median, |t| ~ -log p in either tail), and the
@@ -45,7 +50,7 @@ import numpy as np
 TAIL_MASS = 0.05  # beyond these quantiles, the exponential tails
 N_KNOTS = 129  # stored quantiles of each statistic, evenly spaced in [TAIL_MASS, 1 - TAIL_MASS]
 SIDES = ("upper", "two")
-P_RULES = ("fisher", "tpm", "minp")  # the rules of p-values (:func:`combine`)
+P_RULES = ("fisher", "tpm", "minp", "hmp")  # the rules of p-values (:func:`combine`)
 RULES = P_RULES + ("copula",)
 COPULA_RIDGE = 1e-3  # added to the correlation's diagonal: a near-duplicate statistic stays invertible
 DEFAULT_RULE = "fisher"  # the typicality score's (issue 14: chosen on the battery's development half)
@@ -141,6 +146,9 @@ def combine(log_ps: np.ndarray, rule: str = "fisher") -> np.ndarray:
         return np.maximum(math.log(TPM_TAU) - lp, 0.0).sum(1)
     if rule == "minp":
         return -lp.min(1)
+    if rule == "hmp":  # log sum exp(-log p): computed from the largest term, finite for any finite log p
+        top = (-lp).max(1)
+        return top + np.log(np.exp(-lp - top[:, None]).sum(1))
     if rule == "copula":
         raise ValueError("the copula rule combines statistics, not p-values: use Copula.statistic")
     raise ValueError(f"combination rule {rule!r}: choose one of {', '.join(RULES)}")

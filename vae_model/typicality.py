@@ -188,9 +188,15 @@ def intrinsic_dimension(points: np.ndarray, k: int = 5, chunk: int = 1024) -> fl
     return float(1.0 / max(inv.mean(), 1e-12))
 
 
+K_NEAR = 10  # neighbours of the ``knn10`` statistic
+
+
 @dataclass
 class LatentKNN:
-    """Nearest-neighbour density of posterior means: -log p(z) = dim * log r_1(z) + const."""
+    """Nearest-neighbour density of posterior means: -log p(z) = dim * log r_1(z) + const
+    (:meth:`score`), and a smoother variant over the :data:`K_NEAR` nearest reference latents,
+    dim * mean_j log r_j(z) (:meth:`scores`' second value: the ``knn10`` statistic; the mean of
+    the log distances has far less variance than r_1 alone, Loftsgaarden & Quesenberry 1965)."""
 
     points: np.ndarray  # (n, D) reference posterior means
     dim: float  # intrinsic dimension of the reference set
@@ -222,6 +228,34 @@ class LatentKNN:
     def score(self, latents: np.ndarray) -> np.ndarray:
         return self.dim * np.log(self.nearest(latents))
 
+    def _near(self, d2: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(dim log r_1, dim mean_j<=k log r_j) from squared distances (m, n) to the reference."""
+        near = np.partition(d2, k - 1, axis=1)[:, :k] if k < d2.shape[1] else d2
+        logs = 0.5 * np.log(np.maximum(near, self.floor ** 2))
+        return self.dim * logs.min(1), self.dim * logs.mean(1)
+
+    def scores(self, latents: np.ndarray, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+        """(``knn``, ``knn10``) of each row: :meth:`score` and the :data:`K_NEAR`-neighbour mean,
+        from one pass over the reference."""
+        z = np.asarray(latents, dtype=np.float64)
+        ref_sq = (self.points ** 2).sum(1)
+        one, many = np.empty(len(z)), np.empty(len(z))
+        for i in range(0, len(z), chunk):
+            one[i:i + chunk], many[i:i + chunk] = self._near(_sq_dists(z[i:i + chunk], self.points, ref_sq),
+                                                             min(K_NEAR, len(self.points)))
+        return one, many
+
+    def loo_scores(self, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`scores` of each reference point against the others (leave-one-out)."""
+        ref_sq = (self.points ** 2).sum(1)
+        n = len(self.points)
+        one, many = np.empty(n), np.empty(n)
+        for i in range(0, n, chunk):
+            d2 = _sq_dists(self.points[i:i + chunk], self.points, ref_sq)
+            np.fill_diagonal(d2[:, i:i + chunk], np.inf)
+            one[i:i + chunk], many[i:i + chunk] = self._near(d2, min(K_NEAR, n - 1))  # never the point itself
+        return one, many
+
     def loo_score(self, chunk: int = 512) -> np.ndarray:
         """:meth:`score` of each reference point against the others (leave-one-out)."""
         ref_sq = (self.points ** 2).sum(1)
@@ -250,10 +284,13 @@ class LatentKNN:
 # complexity. Which of them the score combines, by which rule, is a design choice frozen on the anomaly
 # battery's development half (benchmarks/anomaly.py, BENCHMARKS.md).
 STATISTICS = (("nll_bits", "nll_bits", "upper"), ("complexity", "complexity", "upper"), ("kde", "kde", "upper"),
-              ("knn", "knn", "upper"), ("nll_bits_2s", "nll_bits", "two"), ("complexity_2s", "complexity", "two"))
+              ("knn", "knn", "upper"), ("nll_bits_2s", "nll_bits", "two"), ("complexity_2s", "complexity", "two"),
+              ("knn10", "knn10", "upper"))
 ALL_STATISTICS = tuple(name for name, _, _ in STATISTICS)
 BASE_OF = {name: base for name, base, _ in STATISTICS}
-BASES = ("nll_bits", "complexity", "kde", "knn")  # the statistics with a stored tail model
+BASES = ("nll_bits", "complexity", "kde", "knn", "knn10")  # the statistics with a stored tail model
+LATER_BASES = ("knn10",)  # added after references were first written: optional in a stored one (needs recalibrating)
+COPULA_BASES = ("nll_bits", "complexity", "kde", "knn")  # what the copula's joint reference covers
 DEFAULT_USES = ("nll_bits", "complexity", "kde", "knn")  # what the score combines (BENCHMARKS.md, "Anomaly battery")
 COMBINED_KIND = "typicality_v3"
 
@@ -297,9 +334,11 @@ class TypicalityReference:
         uses = tuple(uses or DEFAULT_USES)
         if not uses or not set(uses) <= set(ALL_STATISTICS):
             raise ValueError(f"statistics {list(uses)}: choose among {list(ALL_STATISTICS)}")
+        if rule == "copula" and any(BASE_OF[u] not in COPULA_BASES for u in uses):
+            raise ValueError(f"the copula rule combines some of {list(COPULA_BASES)}, not {list(uses)}")
         own = ref.loo_statistics(feats)
         tails = {name: TailCDF.fit(own[name], "upper") for name in BASES}
-        copula = Copula.fit(_copula_scores(tails, own, BASES))
+        copula = Copula.fit(_copula_scores(tails, own, COPULA_BASES))
         ref = cls(ref.kde, ref.latent, tails, rule, uses=uses, copula=copula)
         cal = own if calib_feats is None else ref.statistics(calib_feats, calib_latents)
         ref.final = TailCDF.fit(ref.combine_statistics(cal), "upper")
@@ -308,16 +347,24 @@ class TypicalityReference:
     def loo_statistics(self, feats: np.ndarray) -> dict[str, np.ndarray]:
         """:meth:`statistics` of the reference images themselves, the densities leave-one-out."""
         feats = np.asarray(feats, dtype=np.float64)
+        knn, knn10 = self.latent.loo_scores()
         return {"nll_bits": feats[:, 0], "complexity": feats[:, 0] - feats[:, 1], "kde": self.kde.loo_score(),
-                "knn": self.latent.loo_score()}
+                "knn": knn, "knn10": knn10}
 
-    def statistics(self, feats: np.ndarray, latents: np.ndarray) -> dict[str, np.ndarray]:
-        """Every base statistic (:data:`BASES`) for images with (-ELBO bits, coder bits)
-        ``feats`` (B, 2) and posterior means ``latents`` (B, D); higher = less like the reference
-        (``nll_bits`` and ``complexity`` in bits: their reference may also flag low values)."""
+    def statistics(self, feats: np.ndarray, latents: np.ndarray,
+                   bases: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """The base statistics ``bases`` (default every one of :data:`BASES`) for images with
+        (-ELBO bits, coder bits) ``feats`` (B, 2) and posterior means ``latents`` (B, D); higher =
+        less like the reference (``nll_bits`` and ``complexity`` in bits: their reference may
+        also flag low values)."""
+        bases = BASES if bases is None else bases
         feats = np.asarray(feats, dtype=np.float64)
-        out = {"nll_bits": feats[:, 0], "complexity": feats[:, 0] - feats[:, 1], "kde": self.kde.score(feats)}
-        if self.latent is not None:
+        out = {"nll_bits": feats[:, 0], "complexity": feats[:, 0] - feats[:, 1]}
+        if "kde" in bases:
+            out["kde"] = self.kde.score(feats)
+        if self.latent is not None and "knn10" in bases:
+            out["knn"], out["knn10"] = self.latent.scores(latents)
+        elif self.latent is not None and "knn" in bases:
             out["knn"] = self.latent.score(latents)
         return out
 
@@ -325,11 +372,16 @@ class TypicalityReference:
         """(B, K) natural-log tail probabilities of the statistics, in :data:`STATISTICS` order."""
         return self.stat_log_pvalues(self.statistics(feats, latents))
 
-    def stat_log_pvalues(self, stats: dict[str, np.ndarray]) -> np.ndarray:
-        """:meth:`log_pvalues` of already computed base statistics."""
+    def stat_log_pvalues(self, stats: dict[str, np.ndarray], names: tuple[str, ...] = ALL_STATISTICS) -> np.ndarray:
+        """(B, len(names)) log p-values of the statistics ``names`` from already computed base statistics."""
         if self.tails is None:
             raise ValueError("this typicality reference predates tail probabilities: run `vaepipe calibrate`")
-        return np.stack([self.tails[base].log_p(stats[base], side) for _, base, side in STATISTICS], 1)
+        sides = {name: side for name, _, side in STATISTICS}
+        missing = [n for n in names if BASE_OF[n] not in self.tails]
+        if missing:
+            raise ValueError(f"this typicality reference has no tail model of {', '.join(missing)} (written by an "
+                             "older vaepipe): run `vaepipe calibrate`")
+        return np.stack([self.tails[BASE_OF[n]].log_p(stats[BASE_OF[n]], sides[n]) for n in names], 1)
 
     def combine_statistics(self, stats: dict[str, np.ndarray], rule: str | None = None,
                            uses: tuple[str, ...] | None = None) -> np.ndarray:
@@ -341,14 +393,17 @@ class TypicalityReference:
             if self.copula is None:
                 raise ValueError("this typicality reference has no copula: run `vaepipe calibrate`")
             bases = list(dict.fromkeys(BASE_OF[name] for name in uses))
-            return self.copula.statistic(_copula_scores(self.tails, stats, bases), [BASES.index(b) for b in bases])
-        cols = [ALL_STATISTICS.index(name) for name in uses]
-        return combine(self.stat_log_pvalues(stats)[:, cols], rule)
+            if any(b not in COPULA_BASES for b in bases):
+                raise ValueError(f"the copula rule combines some of {list(COPULA_BASES)}, not {list(uses)}")
+            return self.copula.statistic(_copula_scores(self.tails, stats, bases),
+                                         [COPULA_BASES.index(b) for b in bases])
+        return combine(self.stat_log_pvalues(stats, tuple(uses)), rule)
 
     def combined(self, feats: np.ndarray, latents: np.ndarray, rule: str | None = None,
                  uses: tuple[str, ...] | None = None) -> np.ndarray:
         """The combined statistic of ``uses`` by ``rule`` (default: the stored ones), before calibration."""
-        return self.combine_statistics(self.statistics(feats, latents), rule, uses)
+        uses = uses or self.uses
+        return self.combine_statistics(self.statistics(feats, latents, tuple({BASE_OF[u] for u in uses})), rule, uses)
 
     def calibrated(self, combined: np.ndarray) -> np.ndarray:
         """The score of combined statistics: -log10 of their calibrated p-value."""
@@ -394,12 +449,16 @@ class TypicalityReference:
             if rule not in RULES:
                 raise ReferenceFormatError(f"typicality reference: rule {repr(rule)[:40]} is not one of {list(RULES)}")
             tails = _field(d, "tails", "")
-            ref.tails = {name: _tail(_field(tails, name, "tails"), f"tails.{name}", "upper") for name in BASES}
+            ref.tails = {name: _tail(_field(tails, name, "tails"), f"tails.{name}", "upper") for name in BASES
+                         if name not in LATER_BASES or (isinstance(tails, dict) and name in tails)}
             ref.rule, ref.final = rule, _tail(_field(d, "final", ""), "final", "upper")
             uses = _field(d, "uses", "")
             if not (isinstance(uses, list) and uses and all(isinstance(u, str) and u in ALL_STATISTICS for u in uses)):
                 raise ReferenceFormatError(f"typicality reference: uses must list some of {list(ALL_STATISTICS)}")
             ref.uses = tuple(uses)
+            lacking = [u for u in uses if BASE_OF[u] not in ref.tails]
+            if lacking:
+                raise ReferenceFormatError(f"typicality reference: uses {lacking} without tails for them")
             if "copula" in d:
                 ref.copula = _copula(d["copula"])
             elif rule == "copula":
@@ -428,12 +487,13 @@ def _copula_scores(tails: dict[str, TailCDF], stats: dict[str, np.ndarray], base
 
 
 def _copula(d: Any, where: str = "copula") -> Copula:
-    """A :meth:`Copula.to_dict` over :data:`BASES`, checked: shapes, finiteness, positive spreads,
-    a symmetric correlation with unit diagonal."""
-    k = len(BASES)
+    """A :meth:`Copula.to_dict` over :data:`COPULA_BASES`, checked: shapes, finiteness, positive
+    spreads, a symmetric correlation with unit diagonal."""
+    k = len(COPULA_BASES)
     mean, std, corr = _array(d, "mean", where, 1), _array(d, "std", where, 1), _array(d, "corr", where, 2)
     if mean.shape != (k,) or std.shape != (k,) or corr.shape != (k, k):
-        raise ReferenceFormatError(f"typicality reference: {where} must describe the {k} statistics {list(BASES)}")
+        raise ReferenceFormatError(f"typicality reference: {where} must describe the {k} statistics "
+                                   f"{list(COPULA_BASES)}")
     if (std <= 0).any() or not np.allclose(corr, corr.T) or not np.allclose(np.diag(corr), 1.0, atol=1e-6):
         raise ReferenceFormatError(f"typicality reference: {where} needs positive std and a correlation matrix")
     return Copula(mean, std, corr)
