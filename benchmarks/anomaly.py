@@ -456,6 +456,16 @@ def _copy_checkpoint(src: Path, dst: Path) -> str:
     return str(dst)
 
 
+def _training_data(ckpt: Path, url: str) -> str:
+    """The training data of ``ckpt`` as its run recorded it (a path relative to where the training
+    ran, or absolute): the first that exists of the path itself and it under the checkpoint's
+    enclosing folders."""
+    for base in (Path.cwd(), *ckpt.resolve().parents):
+        if (base / url).exists():
+            return str(base / url)
+    raise SystemExit(f"the photo model's training data {url} is not under {Path.cwd()} or {ckpt.parent}'s parents")
+
+
 def photo_cases(results: dict, choice: str) -> None:
     """The real-image cases (held out; benchmarks/anomaly_photos.py builds their data): defective
     vs normal solar cells (elpv, 64 px greyscale model), and under the 32 px photo model photo
@@ -472,6 +482,8 @@ def photo_cases(results: dict, choice: str) -> None:
     rule, uses = choice.split(":")
     sets, cells = ap.elpv_sets(False)
     elpv = ap.BENCH / "elpv64-full.safetensors"
+    while elpv.with_suffix(".training").exists():  # another process is training it (beside the battery)
+        time.sleep(15)
     if not common.trained(elpv):
         ap.train_elpv(sets, 600.0, False)
     ck = _copy_checkpoint(elpv, BENCH / "elpv64-battery.safetensors")
@@ -492,7 +504,7 @@ def photo_cases(results: dict, choice: str) -> None:
     ck = _copy_checkpoint(PHOTO_CHECKPOINT, BENCH / "photo32-battery.safetensors")
     info = inspect_checkpoint(ck)
     if not _has_choice(info.meta, choice):
-        cfg, data = info.config, str(PHOTO_CHECKPOINT.parent.parent / info.meta["train_config"]["data_url"])
+        cfg, data = info.config, _training_data(PHOTO_CHECKPOINT, info.meta["train_config"]["data_url"])
         ds = ShardImageDataset(list_specs(data), cfg.channels, cfg.image_size, split="val",
                                val_fraction=info.meta["val_fraction"], resize=trained_resize(info.meta))
         store_calibration(ck, load_tensor(ds, None), f"{data} (validation split)", iwae_k=1, rule=rule,
