@@ -599,13 +599,18 @@ def _save(results: dict, args: argparse.Namespace) -> Path:
     return out
 
 
+def _singles(scores: dict) -> list[str]:
+    """The single statistics a case has (results of an older run lack the newer ones)."""
+    return [s for s in SINGLE if s in scores]
+
+
 def _gaps(cases: dict, score: str) -> np.ndarray:
     """(n, 2): per case, the score's AUROC minus the best single statistic's, and its FPR at 95%
     TPR over the best single statistic's (floored at 1e-4)."""
     out = []
     for c in cases.values():
         sc = c["scores"]
-        best = max(SINGLE, key=lambda s: sc[s]["auroc"])
+        best = max(_singles(sc), key=lambda s: sc[s]["auroc"])
         out.append((sc[score]["auroc"] - sc[best]["auroc"], sc[score]["fpr95"] / max(sc[best]["fpr95"], 1e-4)))
     return np.array(out)
 
@@ -619,14 +624,15 @@ def report(results: dict) -> str:
         if not cases:
             continue
         lines += [f"\n{'Development' if h == 'dev' else 'Held-out'} half: AUROC (FPR at 95% TPR)\n",
-                  "| case | " + " | ".join(SHOWN) + " | best single | typicality - best |",
-                  "|---" * (len(SHOWN) + 3) + "|"]
+                  "| case | " + " | ".join(SHOWN) + " | best single | typicality - best | AUPRC typicality / best |",
+                  "|---" * (len(SHOWN) + 4) + "|"]
         for name, c in cases.items():
             sc = c["scores"]
-            best = max(SINGLE, key=lambda s: sc[s]["auroc"])
-            cells = [f"{sc[s]['auroc']:.4f} ({sc[s]['fpr95']:.3f})" for s in SHOWN]
+            best = max(_singles(sc), key=lambda s: sc[s]["auroc"])
+            cells = [f"{sc[s]['auroc']:.4f} ({sc[s]['fpr95']:.3f})" if s in sc else "-" for s in SHOWN]
             gap = sc["typicality"]["auroc"] - sc[best]["auroc"]
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {best} | {gap:+.4f} |")
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {best} | {gap:+.4f} | "
+                         f"{sc['typicality']['auprc']:.4f} / {sc[best]['auprc']:.4f} |")
     lines += ["\nGap to the best single statistic per case (AUROC difference; FPR95 ratio), per half:\n",
               "| score | dev worst | dev mean | dev within 0.002 | dev FPR95 <= 1.5x | held worst | held mean | "
               "held within 0.002 | held FPR95 <= 1.5x |", "|---" * 9 + "|"]
