@@ -637,8 +637,10 @@ def report(results: dict) -> str:
               "| score | dev worst | dev mean | dev within 0.002 | dev FPR95 <= 1.5x | held worst | held mean | "
               "held within 0.002 | held FPR95 <= 1.5x |", "|---" * 9 + "|"]
     scored = next(iter(results["cases"].values()))["scores"] if results["cases"] else {}
-    scores = ("typicality", "typicality_v2") + tuple(c for c in CANDIDATES if c in scored)  # an older run: its own
-    for s in scores:
+    cands = [c for c in CANDIDATES if c in scored]  # an older run: its own; best development worst case first
+    if halves["dev"]:
+        cands.sort(key=lambda c: (-round(_gaps(halves["dev"], c)[:, 0].min(), 4), -_gaps(halves["dev"], c)[:, 0].mean()))
+    for s in ("typicality", "typicality_v2", *cands):
         cells = []
         for cases in halves.values():
             g = _gaps(cases, s) if cases else np.zeros((0, 2))
