@@ -323,8 +323,13 @@ def _case(results: dict, name: str, normal: dict, anom: dict, extra: dict | None
     # Per-image single statistics, so that a new combination can be scored on the battery offline
     # (with the case's checkpoint: vae_model.typicality.TypicalityReference.combine_statistics).
     STATS.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(STATS / f"{name}.npz", **{f"normal_{k}": normal[k] for k in SINGLE + ("typicality",)},
+    np.savez_compressed(stats_file(name), **{f"normal_{k}": normal[k] for k in SINGLE + ("typicality",)},
                         **{f"anomalous_{k}": anom[k] for k in SINGLE + ("typicality",)})
+
+
+def stats_file(case: str) -> Path:
+    """Where :func:`_case` saves a case's per-image statistics (a case name may hold a '/')."""
+    return STATS / f"{case.replace('/', '_')}.npz"
 
 
 def _select(st: dict, mask: np.ndarray) -> dict:
@@ -680,6 +685,7 @@ def main() -> None:
     ap.add_argument("--wait-for-training", action="store_true",
                     help="wait for the checkpoints a --train-only run is training instead of training them")
     ap.add_argument("--photos", action="store_true", help="add the real-image cases (held out; elpv and photos)")
+    ap.add_argument("--photos-only", action="store_true", help="add the real-image cases to the saved results")
     ap.add_argument("--no-phase3", action="store_true", help="stop after choosing the combination")
     ap.add_argument("--results", default=None, help="the results JSON to write or (--report-only) read "
                     "(default benchmarks/results/anomaly-battery[-quick].json)")
@@ -696,6 +702,10 @@ def main() -> None:
         return
     if args.report_only:
         results = json.loads(_results_path(args).read_text())
+    elif args.photos_only:  # the real-image cases added to the saved results (their rule already chosen)
+        results = json.loads(_results_path(args).read_text())
+        photo_cases(results, results["rule_choice"]["rule"])
+        print(f"wrote {_save(results, args)}")
     else:
         results = run(args)
         print(f"wrote {_save(results, args)}")

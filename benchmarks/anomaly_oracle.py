@@ -60,7 +60,7 @@ def log_pvalues(case: str, side: str, uses: tuple[str, ...] = USES) -> np.ndarra
     from vae_model.typicality import BASE_OF, STATISTICS, TypicalityReference
 
     ref = TypicalityReference.from_dict(inspect_checkpoint(str(checkpoint_of(case))).meta["typicality"])
-    z = np.load(anomaly.STATS / f"{case}.npz")
+    z = np.load(anomaly.stats_file(case))
     st = {"nll_bits": z[f"{side}_elbo"] / LN2, "complexity": z[f"{side}_complexity"], "kde": z[f"{side}_kde"],
           "knn": z[f"{side}_knn"]}
     if f"{side}_knn10" in z:
@@ -101,7 +101,7 @@ def main() -> None:
     args = ap.parse_args()
     uses = tuple(args.uses.split(","))
     res = json.loads(Path(args.results).read_text())
-    cases = {k: v for k, v in res["cases"].items() if (anomaly.STATS / f"{k}.npz").exists()}
+    cases = {k: v for k, v in res["cases"].items() if anomaly.stats_file(k).exists()}
     singles = {k: max(v["scores"][s]["auroc"] for s in anomaly._singles(v["scores"])) for k, v in cases.items()}
     lps = {k: (log_pvalues(k, "normal", uses), log_pvalues(k, "anomalous", uses)) for k in cases}
     grid = simplex(len(uses), args.step)
