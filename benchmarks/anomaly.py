@@ -357,8 +357,10 @@ def calibrated(ckpt: str, images: np.ndarray, name: str, choice: str) -> str:
 
 def _has_choice(meta: dict, choice: str) -> bool:
     """Whether a checkpoint's typicality reference combines by ``choice`` ("rule:a+b+..")."""
-    t = meta["typicality"]
-    return f"{t.get('rule')}:{'+'.join(t.get('uses', []))}" == choice
+    from vae_model.typicality import BASES
+
+    t = meta["typicality"]  # ... and has a tail model of every statistic (one written before knn10 does not)
+    return f"{t.get('rule')}:{'+'.join(t.get('uses', []))}" == choice and set(BASES) <= set(t.get("tails", {}))
 
 
 def choose_rule(results: dict) -> dict:
@@ -704,6 +706,7 @@ def main() -> None:
         results = json.loads(_results_path(args).read_text())
     elif args.photos_only:  # the real-image cases added to the saved results (their rule already chosen)
         results = json.loads(_results_path(args).read_text())
+        results.setdefault("rule_choice", choose_rule(results))
         photo_cases(results, results["rule_choice"]["rule"])
         print(f"wrote {_save(results, args)}")
     else:
