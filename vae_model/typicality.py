@@ -28,7 +28,9 @@ so that each statistic counts by how rare its value is among normal images, not 
 (the old sum let the kNN term's scale decide), and thresholds and percentiles are those of a
 calibrated p-value. Which statistics and which rule were frozen on the development half of the
 anomaly battery (benchmarks/anomaly.py; BENCHMARKS.md, "Anomaly battery"), among Fisher, the
-minimum p-value and a truncated product over one- and two-sided variants, and the ``copula`` rule
+minimum p-value, the harmonic-mean p-value and a truncated product over one- and two-sided
+variants and a 10-neighbour latent density (``knn10``: mean log distance to the 10 nearest
+reference latents, beside or in place of the nearest one's), and the ``copula`` rule
 (vae_model.combine.Copula: the Mahalanobis distance of the statistics' logistic scores under
 their correlation over the reference, -ELBO and complexity read both ways, the densities one way). References of earlier
 versions (``typicality_v2``: the sum -log p_KDE + m log r_1; KDE-only) keep their score.
