@@ -222,6 +222,20 @@ def _s3_signed_ok(server: S3Server) -> bool:
         return False
 
 
+def _s3_data_readable(server: S3Server) -> bool:
+    """Every stored object's first byte reads back: after a restart the S3 gateway answers listings
+    before the volume server holding the old data has registered (a GET then fails with
+    InternalError for a moment), so being up is not the same as having its data back."""
+    try:
+        fs = server.filesystem(config_kwargs={"s3": {"addressing_style": "path"}, "retries": {"max_attempts": 1}})
+        for bucket in fs.ls(""):
+            for key in fs.find(bucket):
+                fs.cat_file(key, start=0, end=1)
+        return True
+    except Exception:  # noqa: BLE001 - still coming back
+        return False
+
+
 def _try_start_weed(weed: str, root: Path, access_key: str, secret_key: str, s3_config: Path):
     """One start attempt: ``(proc, server, log, ports)``, or ``(None, error, log, ports)``.
 
@@ -474,7 +488,7 @@ class RestartableS3:
             self.proc = _spawn(_weed_args(self.weed, self.root, self.server.data_dir, self.ports, self.s3_config),
                                self.server.log_path, env, self.root)
             deadline = time.monotonic() + S3_START_TIMEOUT_S
-            while not _s3_signed_ok(self.server):
+            while not (_s3_signed_ok(self.server) and _s3_data_readable(self.server)):
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"private SeaweedFS did not come back on {self.server.endpoint_url}.\n"
                                 f"--- last lines of {self.server.log_path} ---\n{_tail(self.server.log_path)}",
