@@ -653,7 +653,8 @@ def report(results: dict) -> str:
     scored = next(iter(results["cases"].values()))["scores"] if results["cases"] else {}
     cands = [c for c in CANDIDATES if c in scored]  # an older run: its own; best development worst case first
     if halves["dev"]:
-        cands.sort(key=lambda c: (-round(_gaps(halves["dev"], c)[:, 0].min(), 4), -_gaps(halves["dev"], c)[:, 0].mean()))
+        dev_gap = {c: _gaps(halves["dev"], c)[:, 0] for c in cands}
+        cands.sort(key=lambda c: (-round(dev_gap[c].min(), 4), -dev_gap[c].mean()))
     for s in ("typicality", "typicality_v2", *cands):
         cells = []
         for h in groups:

@@ -22,6 +22,7 @@ saved under .bench/anomaly/stats/ (one .npz per case, normal and anomalous image
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import sys
@@ -34,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import anomaly  # noqa: E402
+from ood_metrics import auroc  # noqa: E402
 
 USES = ("nll_bits", "complexity", "kde", "knn")
 FAMILIES = ("fisher", "hmp", "minp")
@@ -56,28 +58,29 @@ def checkpoint_of(case: str) -> Path:
     return b / f"fashion-{tag}-{n}.safetensors"  # Fashion->MNIST and the corruptions
 
 
-def log_pvalues(case: str, side: str, uses: tuple[str, ...] = USES) -> np.ndarray:
-    """(n, len(uses)) log p-values of the ``side`` ("normal" / "anomalous") images of ``case``
-    (a ``_2s`` name: its base statistic's two-sided p-value)."""
+@functools.lru_cache(maxsize=None)
+def reference(ckpt: Path):
+    """A checkpoint's typicality reference, read once (many cases share a model)."""
     from vae_model.checkpoint_header import inspect_checkpoint
+    from vae_model.typicality import TypicalityReference
+
+    return TypicalityReference.from_dict(inspect_checkpoint(str(ckpt)).meta["typicality"])
+
+
+def log_pvalues(case: str, uses: tuple[str, ...] = USES) -> tuple[np.ndarray, np.ndarray]:
+    """(normal, anomalous) (n, len(uses)) log p-values of ``case``'s images under its checkpoint's
+    reference (a ``_2s`` name: its base statistic's two-sided p-value)."""
     from vae_model.losses import LN2
-    from vae_model.typicality import BASE_OF, STATISTICS, TypicalityReference
 
-    ref = TypicalityReference.from_dict(inspect_checkpoint(str(checkpoint_of(case))).meta["typicality"])
     z = np.load(anomaly.stats_file(case))
-    st = {"nll_bits": z[f"{side}_elbo"] / LN2, "complexity": z[f"{side}_complexity"], "kde": z[f"{side}_kde"],
-          "knn": z[f"{side}_knn"]}
-    if f"{side}_knn10" in z:
-        st["knn10"] = z[f"{side}_knn10"]
-    sides = {name: side for name, _, side in STATISTICS}
-    return np.stack([ref.tails[BASE_OF[u]].log_p(st[BASE_OF[u]], sides[u]) for u in uses], 1)
+    ref = reference(checkpoint_of(case))
 
+    def side(s: str) -> np.ndarray:
+        st = {"nll_bits": z[f"{s}_elbo"] / LN2, **{k: z[f"{s}_{k}"] for k in ("complexity", "kde", "knn", "knn10")
+                                                  if f"{s}_{k}" in z}}
+        return ref.stat_log_pvalues(st, uses)
 
-def fast_auroc(normal: np.ndarray, anomalous: np.ndarray) -> float:
-    """P(anomalous > normal), ties half (anomaly.py's auroc, by one sort)."""
-    from ood_metrics import auroc
-
-    return auroc(normal, anomalous)
+    return side("normal"), side("anomalous")
 
 
 def rule(lp: np.ndarray, w: np.ndarray, family: str) -> np.ndarray:
@@ -86,9 +89,7 @@ def rule(lp: np.ndarray, w: np.ndarray, family: str) -> np.ndarray:
     if family == "minp":
         return (-lp * w).max(1)
     with np.errstate(divide="ignore"):
-        t = -lp + np.log(w)  # log(w_i / p_i); w_i = 0 drops the statistic
-    top = t.max(1)
-    return top + np.log(np.exp(t - top[:, None]).sum(1))
+        return np.logaddexp.reduce(-lp + np.log(w), axis=1)  # log sum w_i / p_i; w_i = 0 drops the statistic
 
 
 def simplex(k: int, step: float) -> np.ndarray:
@@ -118,7 +119,7 @@ def main() -> None:
     cases = {k: v for k, v in res["cases"].items()
              if anomaly.stats_file(k).exists() and not (args.skip and k.startswith(args.skip))}
     singles = {k: max(v["scores"][s]["auroc"] for s in anomaly._singles(v["scores"])) for k, v in cases.items()}
-    lps = {k: (log_pvalues(k, "normal", uses), log_pvalues(k, "anomalous", uses)) for k in cases}
+    lps = {k: log_pvalues(k, uses) for k in cases}
     grid = simplex(len(uses), args.step)
     names = list(lps)
     fit = np.array([args.fit_half == "all" or cases[k]["half"] == "dev" for k in names])
@@ -128,7 +129,7 @@ def main() -> None:
     for fam in FAMILIES:
         best = None
         for w in grid:
-            gaps = np.array([fast_auroc(rule(a, w, fam), rule(b, w, fam)) - singles[k] for k, (a, b) in lps.items()])
+            gaps = np.array([auroc(rule(a, w, fam), rule(b, w, fam)) - singles[k] for k, (a, b) in lps.items()])
             key = (round(gaps[fit].min(), 4), gaps[fit].mean())
             if best is None or key > best[0]:
                 best = (key, w, gaps)

@@ -146,9 +146,8 @@ def combine(log_ps: np.ndarray, rule: str = "fisher") -> np.ndarray:
         return np.maximum(math.log(TPM_TAU) - lp, 0.0).sum(1)
     if rule == "minp":
         return -lp.min(1)
-    if rule == "hmp":  # log sum exp(-log p): computed from the largest term, finite for any finite log p
-        top = (-lp).max(1)
-        return top + np.log(np.exp(-lp - top[:, None]).sum(1))
+    if rule == "hmp":  # log sum exp(-log p), finite for any finite log p
+        return np.logaddexp.reduce(-lp, axis=1)
     if rule == "copula":
         raise ValueError("the copula rule combines statistics, not p-values: use Copula.statistic")
     raise ValueError(f"combination rule {rule!r}: choose one of {', '.join(RULES)}")

@@ -258,15 +258,9 @@ class LatentKNN:
             one[i:i + chunk], many[i:i + chunk] = self._near(d2, min(K_NEAR, n - 1))  # never the point itself
         return one, many
 
-    def loo_score(self, chunk: int = 512) -> np.ndarray:
+    def loo_score(self) -> np.ndarray:
         """:meth:`score` of each reference point against the others (leave-one-out)."""
-        ref_sq = (self.points ** 2).sum(1)
-        out = np.empty(len(self.points))
-        for i in range(0, len(self.points), chunk):
-            d2 = _sq_dists(self.points[i:i + chunk], self.points, ref_sq)
-            np.fill_diagonal(d2[:, i:i + chunk], np.inf)
-            out[i:i + chunk] = np.sqrt(d2.min(1))
-        return self.dim * np.log(np.maximum(out, self.floor))
+        return self.loo_scores()[0]
 
     def to_dict(self) -> dict:
         return {"kind": "latent_knn", "dim": self.dim, "floor": self.floor,
@@ -290,6 +284,7 @@ STATISTICS = (("nll_bits", "nll_bits", "upper"), ("complexity", "complexity", "u
               ("knn10", "knn10", "upper"))
 ALL_STATISTICS = tuple(name for name, _, _ in STATISTICS)
 BASE_OF = {name: base for name, base, _ in STATISTICS}
+SIDE_OF = {name: side for name, _, side in STATISTICS}
 BASES = ("nll_bits", "complexity", "kde", "knn", "knn10")  # the statistics with a stored tail model
 LATER_BASES = ("knn10",)  # added after references were first written: optional in a stored one (needs recalibrating)
 COPULA_BASES = ("nll_bits", "complexity", "kde", "knn")  # what the copula's joint reference covers
@@ -336,8 +331,8 @@ class TypicalityReference:
         uses = tuple(uses or DEFAULT_USES)
         if not uses or not set(uses) <= set(ALL_STATISTICS):
             raise ValueError(f"statistics {list(uses)}: choose among {list(ALL_STATISTICS)}")
-        if rule == "copula" and any(BASE_OF[u] not in COPULA_BASES for u in uses):
-            raise ValueError(f"the copula rule combines some of {list(COPULA_BASES)}, not {list(uses)}")
+        if rule == "copula":
+            _copula_bases(uses)  # refused before any fitting
         own = ref.loo_statistics(feats)
         tails = {name: TailCDF.fit(own[name], "upper") for name in BASES}
         copula = Copula.fit(_copula_scores(tails, own, COPULA_BASES))
@@ -378,12 +373,11 @@ class TypicalityReference:
         """(B, len(names)) log p-values of the statistics ``names`` from already computed base statistics."""
         if self.tails is None:
             raise ValueError("this typicality reference predates tail probabilities: run `vaepipe calibrate`")
-        sides = {name: side for name, _, side in STATISTICS}
         missing = [n for n in names if BASE_OF[n] not in self.tails]
         if missing:
             raise ValueError(f"this typicality reference has no tail model of {', '.join(missing)} (written by an "
                              "older vaepipe): run `vaepipe calibrate`")
-        return np.stack([self.tails[BASE_OF[n]].log_p(stats[BASE_OF[n]], sides[n]) for n in names], 1)
+        return np.stack([self.tails[BASE_OF[n]].log_p(stats[BASE_OF[n]], SIDE_OF[n]) for n in names], 1)
 
     def combine_statistics(self, stats: dict[str, np.ndarray], rule: str | None = None,
                            uses: tuple[str, ...] | None = None) -> np.ndarray:
@@ -394,9 +388,7 @@ class TypicalityReference:
         if rule == "copula":
             if self.copula is None:
                 raise ValueError("this typicality reference has no copula: run `vaepipe calibrate`")
-            bases = list(dict.fromkeys(BASE_OF[name] for name in uses))
-            if any(b not in COPULA_BASES for b in bases):
-                raise ValueError(f"the copula rule combines some of {list(COPULA_BASES)}, not {list(uses)}")
+            bases = _copula_bases(uses)
             return self.copula.statistic(_copula_scores(self.tails, stats, bases),
                                          [COPULA_BASES.index(b) for b in bases])
         return combine(self.stat_log_pvalues(stats, tuple(uses)), rule)
@@ -472,6 +464,14 @@ class TypicalityReference:
             raise ReferenceFormatError(f"typicality reference: latent.points are {ref.latent.points.shape[1]}-d, "
                                        f"the model's latent is {latent_dim}-d")
         return ref
+
+
+def _copula_bases(uses) -> list[str]:
+    """The distinct base statistics of ``uses``, which the copula's joint reference must cover."""
+    bases = list(dict.fromkeys(BASE_OF[name] for name in uses))
+    if any(b not in COPULA_BASES for b in bases):
+        raise ValueError(f"the copula rule combines some of {list(COPULA_BASES)}, not {list(uses)}")
+    return bases
 
 
 ONE_WAY = ("kde", "knn")  # densities: closer to the reference than usual is not an anomaly
