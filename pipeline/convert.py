@@ -23,7 +23,7 @@ from vae_model.storage import StorageOptions, atomic_write_bytes, describe_stora
 from .decode import SUPPORTED_EXTS
 from .idx import is_idx_url, labels_url_for, read_idx
 from .members import escape_key
-from .shard_listing import list_files, rel_path, suffix_kind
+from .shard_listing import list_files, rel_path, suffix_kind, warn_ignored
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +108,12 @@ def _idx_records(source: str, limit: int | None, storage_options: StorageOptions
 
 def _image_records(source: str, limit: int | None, storage_options: StorageOptions) -> tuple[int, Iterator[_Record]]:
     fs, root, files = list_files(source, storage_options)
-    paths = [p for p in files if suffix_kind(p) == "images"][:limit]
+    paths = [p for p in files if suffix_kind(p) == "images"]
     if not paths:
         raise NoShardsError(f"no image files matched {source} (expected an IDX *-images-idx3-ubyte[.gz] file "
                             f"or a folder or glob of .{', .'.join(SUPPORTED_EXTS)} files)")
+    warn_ignored(fs, source, [p for p in files if suffix_kind(p) != "images"])
+    paths = paths[:limit]
 
     def records() -> Iterator[_Record]:
         used: set[str] = set()

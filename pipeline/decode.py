@@ -7,7 +7,8 @@ One policy, shared by training and the Beam pipeline so the two can never disagr
    ``max_pixels`` pixels (width x height; ``--max-pixels``) raises :class:`ImageTooLargeError`
    before any pixel is decoded: a tiny file can declare a huge canvas. A JPEG much larger than
    the target is decoded at a reduced DCT scale (the fast path of step 5). Any failure, including
-   ``Image.DecompressionBombError`` (images over twice ``Image.MAX_IMAGE_PIXELS``), raises
+   ``Image.DecompressionBombError`` (images over twice ``Image.MAX_IMAGE_PIXELS``, refused by
+   Pillow while it reads the header: an :class:`ImageTooLargeError` too), raises
    :class:`ImageDecodeError` with a one-line message that carries Pillow's reason. Truncated
    images are never padded
    (``ImageFile.LOAD_TRUNCATED_IMAGES`` is left alone).
@@ -54,8 +55,10 @@ One policy, shared by training and the Beam pipeline so the two can never disagr
    resize (about 0.5 on average over photos; measured figures: BENCHMARKS.md, "Photos: decode
    speed"; a smoothing filter is what keeps this small: a box filter moved rows by up to ~5).
 
-Files whose extension is in :data:`SUPPORTED_EXTS` are the ones shard readers treat as images;
-the decoder itself sniffs the format from the bytes.
+Files whose extension is in :data:`SUPPORTED_EXTS` are the ones shard readers treat as images
+(JPEG, PNG, WebP, BMP, GIF, TIFF, AVIF, HEIC/HEIF with pillow-heif, JPEG 2000, PNM, TGA); the
+decoder itself sniffs the format from the bytes. An animated GIF/WebP/AVIF or a multi-page TIFF
+gives its first frame.
 """
 from __future__ import annotations
 
@@ -68,7 +71,22 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pipeline.options import DEFAULT_MAX_PIXELS, DEFAULT_RESIZE, RESIZE_POLICIES
 from vae_model.errors import ConfigError, ImageDecodeError
 
-SUPPORTED_EXTS: tuple[str, ...] = ("png", "jpg", "jpeg", "webp", "bmp")
+try:  # optional: HEIC/HEIF photos (phones) through pillow-heif's Pillow plugin
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    HEIF_SUPPORTED = True
+except ImportError:
+    HEIF_SUPPORTED = False
+
+# Image file extensions (lower case): what shard readers and folder listings take as images. The
+# decoder sniffs the format from the bytes whatever the name says; a file with one of these names
+# that does not decode is a dead letter, never skipped. HEIC/HEIF needs the optional pillow-heif
+# (``pip install vaepipe[heif]``); without it such a file is a dead letter that says so.
+SUPPORTED_EXTS: tuple[str, ...] = ("png", "jpg", "jpeg", "webp", "bmp", "jpe", "jfif", "gif", "tif", "tiff", "avif",
+                                   "heic", "heif", "jp2", "j2k", "ppm", "pgm", "pbm", "pnm", "tga")
+# ISO-BMFF brands of HEIF still images (bytes 8..12 of the file, after "ftyp").
+HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
 PAD_VALUE = 255  # --resize pad fills with white, as transparency is composited
 # Fast path (module docstring, step 5): the decoded/reduced image keeps >= this many times the
 # resized size per axis before the final resize; the tolerance this gives: module docstring, step 5.
@@ -144,7 +162,13 @@ def decode_with(data: bytes, channels: int, size: int, max_pixels: int | None = 
             img = ImageOps.exif_transpose(img)
     except ImageTooLargeError:
         raise
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, hit inside Image.open
+        raise ImageTooLargeError(f"cannot decode image ({len(data)} bytes): {exc}".split(", could be")[0]
+                                 + " (a decompression bomb or a huge canvas)") from None
     except UnidentifiedImageError:
+        if data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS:
+            raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): HEIC/HEIF needs pillow-heif, "
+                                   "which is not installed (pip install 'vaepipe[heif]')") from None
         raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): not a recognised image format "
                                f"(starts with {data[:8].hex()})") from None
     except Exception as exc:  # Pillow's format plugins raise many exception types on bad data

@@ -3,7 +3,9 @@
 The key is the file's path relative to the folder without its extension (``a.png`` beside
 ``a.jpg``: the later one keeps its full name). Each file is one ranged read of at most the
 member cap plus one byte, so an oversized file is a ``MemberTooLarge`` dead letter without
-being read whole; a storage failure raises :class:`~pipeline.shard_file.ShardReadError`.
+being read whole; a file gone by the time it is read (deleted since the listing, a dangling
+symbolic link) is a ``FileNotFound`` dead letter; any other storage failure raises
+:class:`~pipeline.shard_file.ShardReadError`.
 """
 from __future__ import annotations
 
@@ -36,6 +38,10 @@ def iter_images(spec: ShardSpec, storage_options: StorageOptions, limits: ReadLi
         try:
             # One ranged read: never more than the cap (+1 byte to tell "over") in memory.
             data: bytes | None = fs.cat_file(path, start=0, end=cap + 1)
+        except FileNotFoundError:  # deleted since the listing, or a dangling symbolic link: this image only
+            yield builder.image_member(key, None, ext.lower(), Problem(
+                "FileNotFound", f"{rel}: listed but gone when read (deleted since the listing, or a dangling link)"))
+            continue
         except Exception as exc:  # storage backends raise many types
             raise read_failure(url, exc) from exc
         if data is not None and len(data) > cap:

@@ -14,13 +14,15 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .decode import SUPPORTED_EXTS
+from .decode import HEIF_BRANDS, SUPPORTED_EXTS
 from .shards import Member
 
 SIDECARS = ("cls", "json")
 # Tar sidecars without an image are reported as NoImageMember; any other suffix as NotAnImage.
 _TEXT_SUFFIXES = frozenset({"cls", "json", "txt", "text", "caption", "cap", "md"})
-_MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"), (b"BM", "bmp"))
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"), (b"BM", "bmp"), (b"GIF87a", "gif"),
+          (b"GIF89a", "gif"), (b"II*\x00", "tif"), (b"MM\x00*", "tif"), (b"\x00\x00\x00\x0cjP  ", "jp2"),
+          (b"\xffO\xffQ", "j2k"))
 _INT64 = range(-(2 ** 63), 2 ** 63)
 
 
@@ -227,4 +229,8 @@ def sniff_ext(data: bytes) -> str:
     head = bytes(data[:12])
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "webp"
+    if head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis"):
+        return "avif"
+    if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
+        return "heic"
     return next((ext for magic, ext in _MAGIC if head.startswith(magic)), "")

@@ -2,7 +2,8 @@
 
 Tar and Parquet files are one shard each; image files are grouped into shards of
 ``images_per_group``. Files and folders whose names start with ``.`` are ignored (temporary
-files, macOS ``._*`` resource forks).
+files, macOS ``._*`` resource forks); other files that are neither shards nor images are ignored
+with one warning line that counts them. Symbolic links to files are followed.
 """
 from __future__ import annotations
 
@@ -64,8 +65,28 @@ def list_files(url: str, storage_options: StorageOptions) -> tuple[fsspec.Abstra
     if bucket_missing:
         raise StorageError(f"{url}: the bucket does not exist")
     files = sorted(p for p, info in found.items()
-                   if info.get("type") == "file" and not any(part.startswith(".") for part in rel_path(p, root).split("/")))
+                   if _is_file(fs, p, info) and not any(part.startswith(".") for part in rel_path(p, root).split("/")))
     return fs, root, files
+
+
+def _is_file(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> bool:
+    """A regular file, or a symbolic link to one (local listings report links as ``other``). A
+    dangling link counts too: its image becomes a dead letter instead of vanishing unseen."""
+    if info.get("type") == "file":
+        return True
+    if not info.get("islink"):
+        return False
+    try:
+        return fs.info(path).get("type") == "file"  # follows the link
+    except FileNotFoundError:
+        return True
+
+
+def warn_ignored(fs: fsspec.AbstractFileSystem, url: str, others: list[str]) -> None:
+    """One warning line for files under ``url`` that are neither shards nor images (so none is skipped unsaid)."""
+    if others:
+        log.warning("%s: ignored %d file(s) that are not shards or images (pipeline.decode.SUPPORTED_EXTS), e.g. %s",
+                    url, len(others), unstrip(fs, others[0]))
 
 
 def expand_shards(url: str, storage_options: StorageOptions = None, images_per_group: int = 1000) -> list[ShardSpec]:
@@ -101,5 +122,6 @@ def expand_shards(url: str, storage_options: StorageOptions = None, images_per_g
     if not specs:
         hint = f"; ignored {len(others)} other file(s) such as {unstrip(fs, others[0])}" if others else ""
         raise NoShardsError(f"no shards matched URL: {url} (expected .tar, .parquet or image files){hint}")
+    warn_ignored(fs, url, others)
     log.info("%s: %s shard(s)", url, len(specs))
     return specs

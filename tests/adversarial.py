@@ -179,7 +179,9 @@ def write_parquet(root: Path) -> dict[str, int]:
 
 def write_folder(root: Path) -> int:
     """Image files in ``root/folder``: Latin-1 names (surrogate-escaped by os.listdir), an oversized file,
-    a zero-byte one, same stem twice, upper-case extensions. Returns the number of files."""
+    a zero-byte one, same stem twice, upper-case extensions, an animated GIF, a multi-page TIFF, a
+    symbolic link to an image outside the folder and a dangling one, and a text file (ignored, not
+    a member). Returns the number of members (image files)."""
     folder = root / "folder"
     (folder / "sub").mkdir(parents=True)
     bfolder = os.fsencode(folder)
@@ -188,7 +190,15 @@ def write_folder(root: Path) -> int:
                        (b"huge.png", noise(BIG, 4)), (b"pct%25.png", png(4))]:
         with open(os.path.join(bfolder, name), "wb") as f:
             f.write(data)
-    return 8
+    frames = [Image.new("RGB", (30, 20), c) for c in ((200, 10, 10), (10, 10, 200))]
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:])
+    frames[0].save(folder / "scan.TIF", save_all=True, append_images=frames[1:])
+    target = root.parent / f"{root.name}-link-target.png"  # outside root: not a member of its own
+    target.write_bytes(png(5))
+    (folder / "linked.png").symlink_to(target)
+    (folder / "dangling.jpg").symlink_to(root.parent / "nowhere.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    return 12
 
 
 def write_all(root: Path) -> dict[str, int]:

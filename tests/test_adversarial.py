@@ -65,16 +65,18 @@ def test_every_adversarial_shard_is_rows_plus_dead_letters(shards, tiny_checkpoi
     kinds = dict(zip(errors["key"].map(lambda k: k.split("/in/", 1)[1]), errors["error_type"]))
     assert {k: kinds[k] for k in ["odd.tar/canvas", "odd.tar/huge", "odd.tar/meta", "odd.tar/nan",
                                   "label.tar/big", "dups.tar/a#1", "links.tar/c", "links.tar/d", "links.tar/e",
-                                  "rows.parquet/big-label", "hf.parquet/00000000", "images-00000/folder/huge"]} == {
+                                  "rows.parquet/big-label", "hf.parquet/00000000", "images-00000/folder/huge",
+                                  "images-00000/folder/dangling"]} == {
         "odd.tar/canvas": "ImageTooLarge", "odd.tar/huge": "MemberTooLarge", "odd.tar/meta": "MemberTooLarge",
         "odd.tar/nan": "BadMeta", "label.tar/big": "BadLabel", "dups.tar/a#1": "DuplicateKey",
         "links.tar/c": "UnresolvedLink", "links.tar/d": "NotARegularFile", "links.tar/e": "NotARegularFile",
         "rows.parquet/big-label": "BadLabel", "hf.parquet/00000000": "ImageTooLarge",
-        "images-00000/folder/huge": "MemberTooLarge"}
+        "images-00000/folder/huge": "MemberTooLarge", "images-00000/folder/dangling": "FileNotFound"}
     assert "--max-pixels" in errors.loc[errors["error_type"] == "ImageTooLarge", "message"].iloc[0]
     got = {k.split("/in/", 1)[1] for k in rows["key"]}
     assert {"latin1.tar/caf%E9", "images-00000/folder/caf%E9", "links.tar/b", "links.tar.gz/b", "odd.tar/UPPER",
-            "images-00000/folder/sub/%FF%FE", "odd.tar/pct%2541"} <= got
+            "images-00000/folder/sub/%FF%FE", "odd.tar/pct%2541", "images-00000/folder/anim",
+            "images-00000/folder/scan", "images-00000/folder/linked"} <= got
     assert unescape_key("caf%E9") == adversarial.LATIN1.encode("latin-1").decode("utf-8", "surrogateescape")
 
 
