@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.manifest import MANIFEST, SUCCESS
-from pipeline.writer import read_metadata
+from pipeline.writer import read_metadata, read_parquet
 from vae_model.errors import ConfigError
 from vae_model.storage import StorageOptions, atomic_write_bytes, exists, fresh_fs, join, read_bytes
 
@@ -352,7 +352,7 @@ def load_index(index_url: str, storage_options: StorageOptions = None) -> Vector
         index.hnsw.efSearch = int((meta.get("hnsw") or LEGACY_HNSW)["ef_search"])
     elif meta["kind"] == "ivf":
         index.nprobe = int((meta.get("ivf") or {}).get("nprobe") or min(IVF_NPROBE, index.nlist))
-    rows = pq.read_table(io.BytesIO(read_bytes(join(index_url, meta["files"]["rows"]), storage_options)))
+    rows = read_parquet(read_bytes(join(index_url, meta["files"]["rows"]), storage_options))
     if rows.num_rows != index.ntotal or rows.num_rows != meta["count"]:
         raise VectorIndexError(f"{index_url}: the index holds {index.ntotal} vectors, its rows file {rows.num_rows} and its "
                           f"sidecar says {meta['count']}; rebuild it")
@@ -523,7 +523,7 @@ def _unique_embeddings(tables: list[pa.Table]) -> np.ndarray:
 
 def _read_rows(part: str, manifest: dict, storage_options: StorageOptions) -> pa.Table:
     columns = ["key", "shard", "index", "label", "anomaly_score", "embedding", "model_id"]
-    tables = [pq.read_table(io.BytesIO(read_bytes(join(part, name), storage_options)), columns=columns)
+    tables = [read_parquet(read_bytes(join(part, name), storage_options), columns=columns)
               for name in manifest.get("files", [])]
     return pa.concat_tables(tables) if tables else pa.table({c: [] for c in columns})
 

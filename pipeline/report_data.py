@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from pipeline.manifest import read_manifest
 from pipeline.partition import data_files
+from pipeline.writer import read_parquet
 from vae_model.storage import StorageOptions, get_fs, join
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,8 @@ def _read_file(url: str, columns: tuple[str, ...], storage_options: StorageOptio
     with fs.open(path, "rb") as f:
         have = pq.ParquetFile(f).schema_arrow.names
         f.seek(0)
-        t = pq.read_table(f, columns=[c for c in columns if c in have],
-                          read_dictionary=[c for c in ("shard", "error_type", "stage") if c in have])
+        t = read_parquet(f, columns=[c for c in columns if c in have],
+                         read_dictionary=[c for c in ("shard", "error_type", "stage") if c in have])
     for c in columns:  # a column the writer left out (older outputs): nulls
         if c not in t.column_names:
             t = t.append_column(c, pa.nulls(len(t)))
