@@ -74,6 +74,7 @@ class ShardImageDataset(IterableDataset):
         self.split, self.val_fraction, self.seed = split, val_fraction, seed
         self.shuffle_buffer, self.storage_options = shuffle_buffer, storage_options
         self.epoch = 0
+        self.skipped = 0  # unreadable images met so far by this process (DataLoader workers count their own)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -95,12 +96,14 @@ class ShardImageDataset(IterableDataset):
                     continue
                 if m.error is not None or m.data is None:
                     skipped += 1
+                    self.skipped += 1
                     log.warning("skipping %s/%s: %s", spec.name, m.key, m.error)
                     continue
                 try:
                     arr = decode_image(m.data, self.channels, self.size, resize=self.resize)
                 except ImageDecodeError as exc:
                     skipped += 1
+                    self.skipped += 1
                     log.warning("skipping %s/%s: %s", spec.name, m.key, exc)
                     continue
                 yield torch.from_numpy(arr if arr.flags.writeable else arr.copy())

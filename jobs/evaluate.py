@@ -54,7 +54,10 @@ class TermMeans:
 @torch.no_grad()
 def evaluate(data_url: str, checkpoint_url: str, opts: EvalOptions | None = None,
              storage_options: StorageOptions = None, progress: bool = False) -> dict:
-    """Return {"images", "mean_elbo", "mean_neg_elbo", "iwae_k", "iwae_nll", "bits_per_dim", ...}.
+    """Return {"images", "skipped", "mean_elbo", "mean_neg_elbo", "iwae_k", "iwae_nll", "bits_per_dim", ...}.
+
+    ``skipped``: members that were not images or did not decode (each also a warning line), so
+    ``images + skipped`` is every member read.
 
     Bernoulli models are evaluated on a stochastic binarisation of the data seeded by ``seed``
     (the standard protocol for dynamically binarised MNIST); 8-bit models on the raw pixels.
@@ -88,7 +91,8 @@ def evaluate(data_url: str, checkpoint_url: str, opts: EvalOptions | None = None
     if means.n == 0:
         raise ConfigError(f"no decodable images in {data_url}")
     return {
-        "images": means.n, "checkpoint": checkpoint_url, "model_id": ckpt.model_id, "likelihood": cfg.likelihood,
+        "images": means.n, "skipped": ds.skipped, "checkpoint": checkpoint_url, "model_id": ckpt.model_id,
+        "likelihood": cfg.likelihood,
         "mean_elbo": -means.mean("neg_elbo"), "mean_neg_elbo": means.mean("neg_elbo"),
         "recon_nll": means.mean("recon_nll"), "kl": means.mean("kl"),
         "iwae_k": opts.iwae_k, "iwae_nll": means.mean("iwae_nll"),

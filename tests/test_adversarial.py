@@ -116,3 +116,14 @@ def test_cli_embed_adversarial_shards(shards, tiny_checkpoint, tmp_path):
     rows, errors = _outputs(out)
     keys = list(rows["key"]) + list(errors["key"])
     assert len(keys) == len(set(keys)) == sum(expected.values())
+
+
+def test_evaluate_counts_every_adversarial_member(shards, tiny_checkpoint):
+    """vaepipe evaluate reads through the same reader: the images it scored plus those it skipped
+    (each with a warning) are every member."""
+    from jobs.evaluate import EvalOptions, evaluate
+
+    root, expected = shards
+    ev = evaluate(str(root), tiny_checkpoint, EvalOptions(iwae_k=2, batch_size=16))
+    assert ev["images"] > 0 and ev["skipped"] > 0
+    assert ev["images"] + ev["skipped"] == sum(expected.values())

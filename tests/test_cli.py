@@ -57,7 +57,7 @@ def test_quickstart_chain(tmp_path):
     res = invoke("evaluate", shards, "--checkpoint", ckpt, "--iwae-k", 8, "--limit", 64)
     assert res.exit_code == 0, res.output
     ev = json.loads(res.stdout)
-    assert ev["images"] == 64 and ev["iwae_k"] == 8
+    assert ev["images"] == 64 and ev["iwae_k"] == 8 and ev["skipped"] == 0
     assert ev["iwae_nll"] <= ev["mean_neg_elbo"] + 1.0  # the IWAE bound is tighter
     assert ev["bits_per_dim"] == pytest.approx(ev["iwae_nll"] / (784 * 0.6931471805599453))
 
