@@ -1,6 +1,6 @@
 """Reading Parquet shards: one row per image, in batches that stay near one member's size cap.
 
-Columns, first match wins: image ``image|img|png|jpg|bytes|data`` (binary, or a struct with a
+Columns, first match wins: image ``image|img|png|jpg|bytes|data`` (binary, large or dictionary-encoded binary, or a struct with a
 ``bytes`` field as Hugging Face ``datasets`` writes it), key ``key|__key__|id``, label
 ``label|cls|class``, metadata ``json|meta`` (a JSON string or a struct). Cells over a
 :class:`~pipeline.members.ReadLimits` cap are nulled before they become Python objects. A row
@@ -100,12 +100,21 @@ class _ParquetShard:
 
 
 def _is_binary(t: pa.DataType) -> bool:
+    """Binary cells, plain or dictionary-encoded (an Arrow schema written with ``dictionary_encode()``)."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
     is_view = getattr(pa.types, "is_binary_view", None)  # pyarrow >= 16
     return pa.types.is_binary(t) or pa.types.is_large_binary(t) or bool(is_view and is_view(t))
 
 
 def _is_text(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or _is_binary(t)
+    plain = t.value_type if pa.types.is_dictionary(t) else t
+    return pa.types.is_string(plain) or pa.types.is_large_string(plain) or _is_binary(t)
+
+
+def _plain(column: pa.Array) -> pa.Array:
+    """``column`` with a dictionary encoding undone (the byte-length checks need the values)."""
+    return column.dictionary_decode() if pa.types.is_dictionary(column.type) else column
 
 
 def _parquet_columns(schema: pa.Schema) -> _ParquetColumns:
@@ -154,14 +163,14 @@ def _parquet_rows(batch: pa.RecordBatch, cols: _ParquetColumns, limits: ReadLimi
         if image.type.get_field_index("path") >= 0:
             paths = pc.struct_field(image, "path").to_pylist()
         image = pc.struct_field(image, "bytes")
-    data, sizes = _capped(image, limits.max_member_bytes)
+    data, sizes = _capped(_plain(image), limits.max_member_bytes)
     keys = batch.column(cols.key).to_pylist() if cols.key else [None] * n
     labels = batch.column(cols.label).to_pylist() if cols.label else [None] * n
     metas, meta_sizes = [None] * n, [None] * n
     if cols.meta:
         meta = batch.column(cols.meta)
         if _is_text(meta.type):
-            metas, meta_sizes = _capped(meta, limits.max_sidecar_bytes)
+            metas, meta_sizes = _capped(_plain(meta), limits.max_sidecar_bytes)
         else:
             metas = meta.to_pylist()
     out = []

@@ -60,3 +60,20 @@ def test_parquet_without_image_column(tmp_path):
     (tmp_path / "p.parquet").write_bytes(buf.getvalue())
     [m] = members(str(tmp_path / "p.parquet"))
     assert m.error_type == "NoImageColumn" and "pixels, image" in m.error
+
+
+def test_dictionary_encoded_and_large_binary_columns(base):
+    """Arrow types a writer may keep in the schema: dictionary<binary> images and metadata, large_binary."""
+    images = [png(1), png(2), png(1)]  # a repeated image: what dictionary encoding is for
+    table = pa.table({"key": pa.array(["a", "b", "c"]).dictionary_encode(),
+                      "image": pa.array(images, pa.binary()).dictionary_encode(),
+                      "json": pa.array(['{"s": 1}', None, '{"s": 1}']).dictionary_encode()})
+    large = pa.table({"key": ["d"], "image": pa.array([png(3)], pa.large_binary())})
+    for name, t in (("dict", table), ("large", large)):
+        buf = io.BytesIO()
+        pq.write_table(t, buf)
+        put(f"{base}/{name}.parquet", buf.getvalue())
+    got = members(base)
+    assert [(m.key, m.data, m.meta, m.error) for m in got] == [
+        ("a", png(1), {"s": 1}, None), ("b", png(2), None, None), ("c", png(1), {"s": 1}, None),
+        ("d", png(3), None, None)]
