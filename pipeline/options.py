@@ -55,7 +55,7 @@ class EmbedOptions:
     storage_options: dict[str, Any] | None = None
     # Added since: keyword use only (the fields above keep their positions).
     mode: str = "refuse"  # refuse | append | overwrite: what to do with a partition that holds other shards' rows
-    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images (width x height) become dead letters
+    max_pixels: int = DEFAULT_MAX_PIXELS  # images decoding to more pixels (width x height) become dead letters
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES  # larger encoded images become dead letters
     max_sidecar_bytes: int = DEFAULT_MAX_SIDECAR_BYTES  # larger .json/.cls sidecars become dead letters
     fail_on_drift: bool = False  # exit status 3 (pipeline.drift.DRIFT_EXIT_CODE) when a drift verdict fails
@@ -141,7 +141,8 @@ EMBED_FLAGS: tuple[Flag, ...] = (
     Flag("precision", "auto: bf16 on CUDA, fp32 on CPU (rows reproducible to 1e-5).", choices=PRECISIONS),
     Flag("torch_threads", "Threads per worker (0: automatic)."),
     Flag("seed", "Base seed of the per-image noise of stochastic scores."),
-    Flag("max_pixels", "Images with more pixels (width x height) become dead letters (ImageTooLarge)."),
+    Flag("max_pixels", "Images that would decode to more pixels (width x height; a large JPEG's at its reduced "
+                       "DCT scale) become dead letters (ImageTooLarge)."),
     Flag("max_member_bytes", "Encoded images larger than this become dead letters (MemberTooLarge)."),
     Flag("max_sidecar_bytes", "Sidecars (.json, .cls, metadata cells) larger than this become dead letters."),
     Flag("fail_on_drift", "Exit with status 3 when a drift verdict of the manifest fails, once every output "

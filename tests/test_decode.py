@@ -316,3 +316,17 @@ def test_every_exif_orientation_is_shown_as_a_viewer_would(fmt, orientation):
     want = decode_image(encode(viewed, "PNG"), 3, 12)  # the viewed pixels, no EXIF
     got = decode_image(data, 3, 12)
     assert np.array_equal(got, want)
+
+
+def test_the_pixel_limit_counts_what_a_drafted_jpeg_decodes():
+    """A large JPEG is decoded at a reduced DCT scale: the limit bounds that decode, so a 48 Mpx phone
+    photo is no dead letter under the default; a PNG of the same size (decoded in full) is refused."""
+    photo = _photo(800, 600)
+    jpeg, png = encode(photo, "JPEG", quality=90), encode(photo)
+    assert decode_image(jpeg, 3, 64, max_pixels=100_000).shape == (3, 64, 64)  # drafted to 1/4: 200 x 150
+    with pytest.raises(ImageTooLargeError, match=r"800 x 600 = 480000 pixels, over the limit of 100000"):
+        decode_image(png, 3, 64, max_pixels=100_000)
+    with pytest.raises(ImageTooLargeError, match=r"decoded at 1/4 scale still 200 x 150 = 30000, over the limit of 29999"):
+        decode_image(jpeg, 3, 64, max_pixels=29_999)
+    with pytest.raises(ImageTooLargeError, match="480000 pixels, over"):  # no draft asked: decoded in full
+        decode_with(jpeg, 3, 64, max_pixels=100_000, draft_factor=None)
