@@ -8,12 +8,11 @@ One policy, shared by training and the Beam pipeline so the two can never disagr
    before any pixel is decoded: a tiny file can declare a huge canvas. A JPEG much larger than
    the target is decoded at a reduced DCT scale (the fast path of step 5), and the limit
    applies to that decoded size: a 48 Mpx phone photo drafted to 1/8 decodes 0.76 Mpx, so it
-   is no dead letter under the default 40 Mpx (its decode costs ~0.1 s and a few MB). Any failure, including
+   is no dead letter under the default 40 Mpx (its decode costs ~0.1 s and a few MB). Any
+   failure raises :class:`ImageDecodeError` with a one-line message that carries Pillow's reason;
    ``Image.DecompressionBombError`` (images over twice ``Image.MAX_IMAGE_PIXELS``, refused by
-   Pillow while it reads the header: an :class:`ImageTooLargeError` too), raises
-   :class:`ImageDecodeError` with a one-line message that carries Pillow's reason. Truncated
-   images are never padded
-   (``ImageFile.LOAD_TRUNCATED_IMAGES`` is left alone).
+   Pillow while it reads the header) is an :class:`ImageTooLargeError`. Truncated images are
+   never padded (``ImageFile.LOAD_TRUNCATED_IMAGES`` is left alone).
 2. **EXIF orientation** is applied (``ImageOps.exif_transpose``), as a viewer would show the photo
    (after the DCT scaling, which is isotropic, so a photo rotated 90 degrees is scaled alike).
 3. **Mode conversion** to 8-bit ``L`` (``channels=1``) or ``RGB`` (``channels=3``):
@@ -172,7 +171,7 @@ def decode_with(data: bytes, channels: int, size: int, max_pixels: int | None = 
         raise ImageTooLargeError(f"cannot decode image ({len(data)} bytes): {exc}".split(", could be")[0]
                                  + " (a decompression bomb or a huge canvas)") from None
     except UnidentifiedImageError:
-        if data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS:
+        if not HEIF_SUPPORTED and data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS:
             raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): HEIC/HEIF needs pillow-heif, "
                                    "which is not installed (pip install 'vaepipe[heif]')") from None
         raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): not a recognised image format "
