@@ -131,9 +131,11 @@ class VAEModelHandler(ModelHandler[Any, dict, Any]):
             if pixels.dtype != np.uint8 or pixels.shape != (self.channels, self.size, self.size):
                 raise ImageDecodeError(f"decoded image must be uint8 {(self.channels, self.size, self.size)}, "
                                        f"got {pixels.dtype} {pixels.shape}")
-        else:
+        elif isinstance(r.data, (bytes, bytearray, memoryview)):
             pixels = decode_image(bytes(r.data), self.channels, self.size, max_pixels=self.opts.max_pixels,
                                   resize=self.opts.resize)
+        else:  # None, a str, ...: a dead letter that says what came instead of an image
+            raise ImageDecodeError(f"image data must be encoded bytes or a uint8 array, got {type(r.data).__name__}")
         return _Decoded(BatchItem(r.key, r.index, r.label, r.meta, pixels), r.shard)
 
     def run_inference(self, batch: Sequence[_Decoded], model: Any, inference_args: dict | None = None

@@ -17,7 +17,7 @@ from pipeline.options import EmbedOptions
 from pipeline.run import run_embed
 from pipeline.schema import ERROR_SCHEMA, latent_schema
 from pipeline.shards import expand_shards
-from vae_model.errors import ConfigError
+from vae_model.errors import ConfigError, ImageDecodeError
 
 RUN_DATE = "2026-01-02"
 
@@ -117,6 +117,9 @@ def test_handler_api_and_driver_checks(tiny_checkpoint, tmp_path):
         VAEModelHandler(str(tmp_path / "missing.safetensors"))
     with pytest.raises(TypeError, match="ImageRecord"):
         h.decode(42)
+    for data in (None, "a path, not bytes"):  # a dead letter that names what came instead of an image
+        with pytest.raises(ImageDecodeError, match=f"must be encoded bytes or a uint8 array, got {type(data).__name__}"):
+            h.decode(("k", data))
 
 
 def test_model_shared_across_processes_gives_the_same_rows(tiny_checkpoint):
