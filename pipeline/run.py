@@ -31,6 +31,7 @@ from pipeline.progress import Progress, ProgressWatcher
 from pipeline.report import write_report_or_warn
 from pipeline.runner_args import (check_beam_flags, dask_args, gpu_present, local_parallelism_args, runner_name,
                                   threads_per_worker)
+from pipeline.shard_listing import check_output_outside_input
 from pipeline.shards import expand_shards
 from pipeline.transforms import EmbedShards, ReadImageShards, WriteManifest
 from pipeline.writer import check_writable, remove_stale_temp_files
@@ -66,6 +67,7 @@ def run_embed(data_url: str, opts: EmbedOptions, beam_args: list[str] | None = N
     check_score_supported(opts, ckpt)
     opts = resolve_resize(opts, ckpt.meta)  # before output_key: the key names the policy the rows use
     specs = expand_shards(data_url, so)  # fail fast: no shards, missing bucket, bad credentials
+    check_output_outside_input(data_url, opts.out_url, so)
     check_writable(opts.out_url, so)
     if use_local_cores and test_pipeline is None:
         beam_args += local_parallelism_args(beam_args, len(specs), opts.device)

@@ -8,11 +8,12 @@ with one warning line that counts them. Symbolic links to files are followed.
 from __future__ import annotations
 
 import logging
+import os
 import re
 
 import fsspec
 
-from vae_model.errors import NoShardsError, ShardError, StorageError
+from vae_model.errors import ConfigError, NoShardsError, ShardError, StorageError
 from vae_model.storage import StorageOptions, describe_storage_error, get_fs, is_local, unstrip
 
 from .decode import SUPPORTED_EXTS
@@ -80,6 +81,26 @@ def _is_file(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> bool:
         return fs.info(path).get("type") == "file"  # follows the link
     except FileNotFoundError:
         return True
+
+
+def check_output_outside_input(data_url: str, out_url: str, storage_options: StorageOptions = None) -> None:
+    """Refuse an output folder at or under an input *folder* (not a glob or a file): the next
+    listing of that folder would take the run's own Parquet files as shards."""
+    fs_in, path_in = get_fs(data_url, storage_options)
+    fs_out, path_out = get_fs(out_url, storage_options)
+    if type(fs_in) is not type(fs_out) or re.search(r"[*?\[]", path_in):
+        return
+    try:
+        if not fs_in.isdir(path_in):
+            return
+    except Exception:  # listing problems are expand_shards' to report
+        return
+    root, out = path_in.rstrip("/"), path_out.rstrip("/")
+    if is_local(fs_in):
+        root, out = os.path.realpath(root), os.path.realpath(out)
+    if out == root or out.startswith(root + "/"):
+        raise ConfigError(f"--out {out_url} is inside the input folder {data_url}: the next run over that folder "
+                          "would read this run's Parquet output as shards; write it elsewhere")
 
 
 def warn_ignored(fs: fsspec.AbstractFileSystem, url: str, others: list[str]) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.shard_listing import expand_shards
+from pipeline.shard_listing import check_output_outside_input, expand_shards
 from pipeline.shards import iter_members
 from shard_helpers import norm, png, put, tar_bytes
-from vae_model.errors import NoShardsError, StorageError
+from vae_model.errors import ConfigError, NoShardsError, StorageError
 
 pytest_plugins = ["shard_helpers"]  # fixtures: base, memfs
 
@@ -48,3 +48,19 @@ def test_s3_missing_bucket_and_bad_credentials(s3_server, s3_bucket):
         expand_shards(f"{s3_bucket}/empty/*.tar", so)
     with pytest.raises(StorageError, match="denied"):
         expand_shards(f"{s3_bucket}/x", dict(so, secret="wrong"))
+
+
+def test_output_inside_an_input_folder_is_refused(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "a.tar").write_bytes(b"")
+    for out in (shards, shards / "latents", f"{shards}/", tmp_path / "shards" / ".." / "shards" / "x"):
+        with pytest.raises(ConfigError, match="inside the input folder"):
+            check_output_outside_input(str(shards), str(out))
+    for data, out in ((shards, tmp_path / "latents"), (shards, tmp_path / "shards-out"),
+                      (f"{shards}/*.tar", shards / "latents"), (shards / "a.tar", shards / "latents"),
+                      ("memory://out-check/in", "memory://out-check/out")):
+        check_output_outside_input(str(data), str(out))  # a glob or a file input cannot list the output back
+    put("memory://out-check/in/a.tar", b"")
+    with pytest.raises(ConfigError, match="inside the input folder"):
+        check_output_outside_input("memory://out-check/in", "memory://out-check/in/latents")
