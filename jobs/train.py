@@ -83,6 +83,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.epochs < 1:
             raise ConfigError("--batch-size and --epochs must be >= 1")
+        if not self.lr > 0 or not 0 < self.lr_min_ratio <= 1 or self.weight_decay < 0:  # NaN fails too
+            raise ConfigError(f"--lr must be > 0 (got {self.lr}), lr_min_ratio in (0, 1] and --weight-decay >= 0")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise ConfigError(f"--time-limit must be a positive number of seconds, got {self.time_limit}")
+        if not (self.free_bits >= 0 and self.kl_warmup_steps >= 0):
+            raise ConfigError("--free-bits and --kl-warmup-steps must be >= 0")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"--lr-schedule must be constant or cosine, not {self.lr_schedule!r}")
         if self.grad_clip < 0 or not (self.grad_clip_factor == 0 or self.grad_clip_factor >= 1):

@@ -154,6 +154,11 @@ def test_bad_grad_clip_settings_are_config_errors(fashion_shards, tmp_path):
     from vae_model.errors import ConfigError
     with pytest.raises(ConfigError, match="grad-clip"):
         train(_cfg(fashion_shards, tmp_path / "m.safetensors", grad_clip_factor=0.5), progress=False)
+    for bad, match in ((dict(lr=-1.0), "--lr must be > 0"), (dict(lr=float("nan")), "--lr must be > 0"),
+                       (dict(time_limit=0.0), "--time-limit must be a positive"),
+                       (dict(free_bits=-0.5), "--free-bits")):
+        with pytest.raises(ConfigError, match=match):  # one line before any data is read, not torch's ValueError
+            _cfg(fashion_shards, tmp_path / "m.safetensors", **bad)
 
 
 def test_validation_split_does_not_depend_on_where_the_shards_are(fashion_shards, tmp_path):
