@@ -17,9 +17,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.manifest import read_manifest
+from pipeline.manifest import MANIFEST, read_manifest
 from pipeline.partition import data_files
 from pipeline.writer import read_parquet
+from vae_model.errors import ConfigError
 from vae_model.storage import StorageOptions, get_fs, join
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,11 @@ class RunData:
 
 def load_run(partition_url: str, storage_options: StorageOptions = None) -> RunData:
     """Read a finished partition (``_manifest.json`` must exist) for the report."""
-    manifest = read_manifest(partition_url, storage_options)
+    try:
+        manifest = read_manifest(partition_url, storage_options)
+    except FileNotFoundError:
+        raise ConfigError(f"{partition_url}: not an embed partition (no {MANIFEST}); vaepipe report reads the folder "
+                          "vaepipe embed wrote (with --run-date: OUT/dt=YYYY-MM-DD)") from None
     files = manifest.get("files") or data_files(partition_url, storage_options)
     urls = [join(partition_url, f) for f in files]
     rows = _read_tables(urls, ROW_FIELDS, storage_options, locate=True)

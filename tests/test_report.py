@@ -246,3 +246,10 @@ def test_validation_density_integrates_to_one_and_follows_the_quantiles():
     assert list(edges) == [0.0, 1.0, 2.0, 4.0, 5.0]
     assert np.sum(dens * np.diff(edges)) == pytest.approx(1.0)
     assert dens[0] == pytest.approx(0.5) and dens[1] == pytest.approx(0.4)
+
+
+def test_report_of_a_folder_that_is_no_partition_is_one_line(tmp_path):
+    (tmp_path / "shards").mkdir()
+    res = CliRunner().invoke(cli, ["report", str(tmp_path / "shards")])
+    assert res.exit_code == 1
+    assert "not an embed partition (no _manifest.json)" in res.output and res.output.count("\n") == 1
