@@ -141,7 +141,7 @@ EMBED_FLAGS: tuple[Flag, ...] = (
     Flag("precision", "auto: bf16 on CUDA, fp32 on CPU (rows reproducible to 1e-5).", choices=PRECISIONS),
     Flag("torch_threads", "Threads per worker (0: automatic)."),
     Flag("seed", "Base seed of the per-image noise of stochastic scores."),
-    Flag("max_pixels", "Images that would decode to more pixels (width x height; a large JPEG's at its reduced "
+    Flag("max_pixels", "Images that would decode to more pixels (width x height; a large baseline JPEG's at its reduced "
                        "DCT scale) become dead letters (ImageTooLarge)."),
     Flag("max_member_bytes", "Encoded images larger than this become dead letters (MemberTooLarge)."),
     Flag("max_sidecar_bytes", "Sidecars (.json, .cls, metadata cells) larger than this become dead letters."),

@@ -319,8 +319,9 @@ def test_every_exif_orientation_is_shown_as_a_viewer_would(fmt, orientation):
 
 
 def test_the_pixel_limit_counts_what_a_drafted_jpeg_decodes():
-    """A large JPEG is decoded at a reduced DCT scale: the limit bounds that decode, so a 48 Mpx phone
-    photo is no dead letter under the default; a PNG of the same size (decoded in full) is refused."""
+    """A large baseline JPEG is decoded at a reduced DCT scale: the limit bounds that decode, so a 48 Mpx
+    phone photo is no dead letter under the default; a PNG of the same size (decoded in full) and a
+    progressive JPEG (its coefficients are buffered at full size) are refused."""
     photo = _photo(800, 600)
     jpeg, png = encode(photo, "JPEG", quality=90), encode(photo)
     assert decode_image(jpeg, 3, 64, max_pixels=100_000).shape == (3, 64, 64)  # drafted to 1/4: 200 x 150
@@ -330,3 +331,7 @@ def test_the_pixel_limit_counts_what_a_drafted_jpeg_decodes():
         decode_image(jpeg, 3, 64, max_pixels=29_999)
     with pytest.raises(ImageTooLargeError, match="480000 pixels, over"):  # no draft asked: decoded in full
         decode_with(jpeg, 3, 64, max_pixels=100_000, draft_factor=None)
+    progressive = encode(photo, "JPEG", quality=90, progressive=True)  # buffers full-size coefficients
+    with pytest.raises(ImageTooLargeError, match="progressive JPEG holds all its coefficients at full size"):
+        decode_image(progressive, 3, 64, max_pixels=100_000)
+    assert decode_image(progressive, 3, 64, max_pixels=480_000).shape == (3, 64, 64)
