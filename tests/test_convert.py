@@ -98,3 +98,18 @@ def test_write_errors(tmp_path):
         write_shards(str(MNIST), str(tmp_path / "o"), shard_size=100, limit=100)
     with pytest.raises(ShardError, match="--shard-size"):
         write_shards(str(MNIST), str(tmp_path / "o"), shard_size=0)
+
+
+@pytest.mark.parametrize("fmt", ["tar", "parquet"])
+def test_folder_conversion_takes_every_format_and_says_what_it_ignored(tmp_path, caplog, fmt):
+    src = tmp_path / "photos"
+    src.mkdir()
+    for name, fmt in (("a.gif", "GIF"), ("b.tif", "TIFF"), ("c.avif", "AVIF"), ("d.JPG", "JPEG")):
+        Image.new("RGB", (20, 10), (200, 30, 30)).save(src / name, format=fmt)
+    (src / "readme.txt").write_text("not an image")
+    with caplog.at_level("WARNING", logger="pipeline.shard_listing"):
+        [url] = write_shards(str(src), str(tmp_path / "out"), fmt=fmt, shard_size=10)
+    got = members(url)  # tar keeps the extension; Parquet's reader sniffs it from the bytes
+    assert [(m.key, m.ext) for m in got] == [("a", "gif"), ("b", "tif"), ("c", "avif"), ("d", "jpg")]
+    assert all(decode_image(m.data, 3, 8)[:, 4, 4].tolist()[0] > 150 for m in got)  # red survives every codec
+    assert any("ignored 1 file(s)" in r.getMessage() and "readme.txt" in r.getMessage() for r in caplog.records)
