@@ -104,8 +104,8 @@ def test_write_errors(tmp_path):
 def test_folder_conversion_takes_every_format_and_says_what_it_ignored(tmp_path, caplog, fmt):
     src = tmp_path / "photos"
     src.mkdir()
-    for name, fmt in (("a.gif", "GIF"), ("b.tif", "TIFF"), ("c.avif", "AVIF"), ("d.JPG", "JPEG")):
-        Image.new("RGB", (20, 10), (200, 30, 30)).save(src / name, format=fmt)
+    for name, codec in (("a.gif", "GIF"), ("b.tif", "TIFF"), ("c.avif", "AVIF"), ("d.JPG", "JPEG")):
+        Image.new("RGB", (20, 10), (200, 30, 30)).save(src / name, format=codec)
     (src / "readme.txt").write_text("not an image")
     with caplog.at_level("WARNING", logger="pipeline.shard_listing"):
         [url] = write_shards(str(src), str(tmp_path / "out"), fmt=fmt, shard_size=10)
