@@ -85,8 +85,8 @@ class TrainConfig:
             raise ConfigError("--batch-size and --epochs must be >= 1")
         if not self.lr > 0 or not 0 < self.lr_min_ratio <= 1 or self.weight_decay < 0:  # NaN fails too
             raise ConfigError(f"--lr must be > 0 (got {self.lr}), lr_min_ratio in (0, 1] and --weight-decay >= 0")
-        if self.time_limit is not None and not self.time_limit > 0:
-            raise ConfigError(f"--time-limit must be a positive number of seconds, got {self.time_limit}")
+        if self.time_limit is not None and not self.time_limit >= 0:  # 0: one step, then stop (resumable)
+            raise ConfigError(f"--time-limit must be a number of seconds >= 0, got {self.time_limit}")
         if not (self.free_bits >= 0 and self.kl_warmup_steps >= 0):
             raise ConfigError("--free-bits and --kl-warmup-steps must be >= 0")
         if self.lr_schedule not in ("constant", "cosine"):

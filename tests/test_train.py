@@ -155,7 +155,7 @@ def test_bad_grad_clip_settings_are_config_errors(fashion_shards, tmp_path):
     with pytest.raises(ConfigError, match="grad-clip"):
         train(_cfg(fashion_shards, tmp_path / "m.safetensors", grad_clip_factor=0.5), progress=False)
     for bad, match in ((dict(lr=-1.0), "--lr must be > 0"), (dict(lr=float("nan")), "--lr must be > 0"),
-                       (dict(time_limit=0.0), "--time-limit must be a positive"),
+                       (dict(time_limit=-1.0), "--time-limit must be a number of seconds >= 0"),
                        (dict(free_bits=-0.5), "--free-bits")):
         with pytest.raises(ConfigError, match=match):  # one line before any data is read, not torch's ValueError
             _cfg(fashion_shards, tmp_path / "m.safetensors", **bad)
