@@ -85,7 +85,7 @@ class ShardImageDataset(IterableDataset):
             random.Random(f"{self.seed}:{self.epoch}").shuffle(specs)
         by_shard = len(specs) >= nw
         mine = specs[wid::nw] if by_shard else specs
-        skipped = 0
+        before = self.skipped
         for spec in mine:
             for i, m in enumerate(iter_members(spec, self.storage_options)):
                 if not by_shard and i % nw != wid:
@@ -95,20 +95,18 @@ class ShardImageDataset(IterableDataset):
                 if not keep:
                     continue
                 if m.error is not None or m.data is None:
-                    skipped += 1
                     self.skipped += 1
                     log.warning("skipping %s/%s: %s", spec.name, m.key, m.error)
                     continue
                 try:
                     arr = decode_image(m.data, self.channels, self.size, resize=self.resize)
                 except ImageDecodeError as exc:
-                    skipped += 1
                     self.skipped += 1
                     log.warning("skipping %s/%s: %s", spec.name, m.key, exc)
                     continue
                 yield torch.from_numpy(arr if arr.flags.writeable else arr.copy())
-        if skipped:
-            log.warning("worker %d skipped %d unreadable images this epoch", wid, skipped)
+        if self.skipped > before:
+            log.warning("worker %d skipped %d unreadable images this epoch", wid, self.skipped - before)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = get_worker_info()

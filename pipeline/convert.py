@@ -108,11 +108,13 @@ def _idx_records(source: str, limit: int | None, storage_options: StorageOptions
 
 def _image_records(source: str, limit: int | None, storage_options: StorageOptions) -> tuple[int, Iterator[_Record]]:
     fs, root, files = list_files(source, storage_options)
-    paths = [p for p in files if suffix_kind(p) == "images"]
+    paths, others = [], []
+    for p in files:
+        (paths if suffix_kind(p) == "images" else others).append(p)
     if not paths:
         raise NoShardsError(f"no image files matched {source} (expected an IDX *-images-idx3-ubyte[.gz] file "
                             f"or a folder or glob of .{', .'.join(SUPPORTED_EXTS)} files)")
-    warn_ignored(fs, source, [p for p in files if suffix_kind(p) != "images"])
+    warn_ignored(fs, source, others)
     paths = paths[:limit]
 
     def records() -> Iterator[_Record]:

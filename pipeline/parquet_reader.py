@@ -109,7 +109,7 @@ def _is_binary(t: pa.DataType) -> bool:
 
 def _is_text(t: pa.DataType) -> bool:
     plain = t.value_type if pa.types.is_dictionary(t) else t
-    return pa.types.is_string(plain) or pa.types.is_large_string(plain) or _is_binary(t)
+    return pa.types.is_string(plain) or pa.types.is_large_string(plain) or _is_binary(plain)
 
 
 def _plain(column: pa.Array) -> pa.Array:
